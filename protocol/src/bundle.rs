@@ -322,3 +322,14 @@ pub fn verify_bundle_bytes(
     verifier.feed(bytes)?;
     verifier.finish()
 }
+
+/// One key holder's signature over a manifest, exchanged as a file when k-of-n holders sign
+/// separately (`edgefleet bundle sign --detached`), then merged into the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+#[serde(deny_unknown_fields)]
+pub struct DetachedSignature {
+    /// The manifest the signature is for (SHA-256 of the signed body).
+    pub manifest_digest: Sha256Digest,
+    pub signature: crate::trust::KeySignature,
+}
