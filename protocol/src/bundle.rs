@@ -187,11 +187,11 @@ impl<'a> BundleVerifier<'a> {
             }
         }
         let mut out = Vec::new();
-        let manifest = self
-            .manifest
-            .as_ref()
-            .expect("manifest is set once the header is read");
         while offset < chunk.len() {
+            let manifest = self
+                .manifest
+                .as_ref()
+                .expect("manifest is set once the header is read");
             let Some(payload) = manifest.payloads.get(self.payload) else {
                 return Err(BundleError::TrailingData {
                     expected: self.expected_total,
@@ -222,6 +222,8 @@ impl<'a> BundleVerifier<'a> {
                 }
                 self.payload += 1;
                 self.payload_seen = 0;
+                // An empty payload after this one is complete without any byte of its own.
+                self.skip_empty_payloads()?;
             }
         }
         self.total += chunk.len() as u64;

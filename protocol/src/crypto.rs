@@ -159,9 +159,10 @@ impl PublicKey {
         Ok(key)
     }
 
-    /// Checks `signature` over `body` in `domain` with `verify_strict`.
+    /// Checks `signature` over `body` in `domain` with `verify_strict`, which also refuses weak
+    /// (small-order) keys and small-order `R`; non-canonical keys are refused when a role loads.
     pub fn verify(&self, domain: Domain, body: &[u8], signature: &SignatureBytes) -> bool {
-        let Ok(key) = self.verifying_key() else {
+        let Ok(key) = VerifyingKey::from_bytes(&self.0) else {
             return false;
         };
         let signature = ed25519_dalek::Signature::from_bytes(&signature.0);

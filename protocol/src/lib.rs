@@ -14,6 +14,9 @@ pub mod time;
 pub mod topics;
 pub mod trust;
 
+#[cfg(test)]
+mod proptests;
+
 pub use assignment::{AssignedModel, Assignment, DeviceTrust, Floors};
 pub use bundle::{Bundle, BundleError, BundleVerifier};
 pub use codec::DecodeError;

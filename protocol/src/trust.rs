@@ -430,4 +430,4 @@ pub enum TrustError {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

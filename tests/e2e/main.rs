@@ -1,1 +1,3 @@
-//! e2e
+//! End-to-end tests: real binaries, real models, real files.
+
+mod cli_bundles;

@@ -1,1 +1,84 @@
-//! Harness for the end-to-end tests.
+//! Harness for EdgeFleet's end-to-end tests: finds the workspace binaries, fetches the real ONNX
+//! models the tests run (cached, sha256-checked), and runs commands with useful failure output.
+
+pub mod models;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The cargo target profile directory the test binary runs from (`target/debug`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary knows its own path");
+    // target/debug/deps/e2e-<hash> → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary. `cargo test` does not build other crates' binaries for this
+/// crate, so `.ci/run` runs `cargo build --workspace --bins` first.
+pub fn bin(name: &str) -> PathBuf {
+    let path = target_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// Runs a command and returns its output, with stdout and stderr as text.
+#[derive(Debug)]
+pub struct Run {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+}
+
+pub fn run(command: &mut Command) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = command
+        .output()
+        .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
+    Run {
+        status,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+/// Runs a command that must succeed; panics with its output otherwise.
+pub fn run_ok(command: &mut Command) -> Run {
+    let description = format!("{command:?}");
+    let out = run(command);
+    assert!(
+        out.success(),
+        "{description} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    out
+}
+
+/// Runs a command that must fail; panics if it succeeds.
+pub fn run_err(command: &mut Command) -> Run {
+    let description = format!("{command:?}");
+    let out = run(command);
+    assert!(
+        !out.success(),
+        "{description} should have failed:\nstdout:\n{}",
+        out.stdout
+    );
+    out
+}

@@ -9,7 +9,7 @@ use crate::ids::{Arch, DeviceId, ModelName, ModelVersion, TensorName};
 use crate::manifest::*;
 
 pub(crate) const T0: Timestamp = Timestamp::from_secs(1_795_000_000);
-const DAY_MS: u64 = 86_400_000;
+pub(crate) const DAY_MS: u64 = 86_400_000;
 
 pub(crate) fn key(n: u8) -> SecretKey {
     SecretKey::from_seed([n; 32])
@@ -703,4 +703,28 @@ fn detached_signatures_merge_into_a_threshold() {
         "a key signs once"
     );
     verify_manifest(&alice.encode(), &fleet.keyring, &policy()).unwrap();
+}
+
+#[test]
+fn an_empty_payload_after_a_full_one_completes() {
+    let fleet = fleet();
+    let mut manifest = manifest(3, "aarch64");
+    manifest.payloads.push(Payload {
+        name: TensorName::new("labels.txt").unwrap(),
+        role: PayloadRole::Data,
+        sha256: Sha256Digest::of(b""),
+        size: 0,
+    });
+    let bytes = fleet.bundle(&manifest);
+    for chunk in [1, bytes.len()] {
+        let mut verifier = crate::bundle::BundleVerifier::new(&fleet.keyring, policy());
+        for piece in bytes.chunks(chunk) {
+            verifier.feed(piece).unwrap();
+        }
+        assert_eq!(
+            verifier.finish().unwrap().manifest.payloads.len(),
+            2,
+            "chunk size {chunk}"
+        );
+    }
 }
