@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::assignment::{AssignedModel, Assignment, DeviceTrust, Floors};
-use crate::bundle::{Bundle, BundleError, BundleVerifier, bundle_header, split_header};
+use crate::bundle::{Bundle, BundleError, BundleVerifier, split_header};
 use crate::codec::{self, MAX_MANIFEST_BYTES};
 use crate::crypto::{DeviceMacKey, Domain, SecretKey, Sha256Digest};
 use crate::ids::{Arch, DeviceId, ModelName, ModelVersion, RolloutId, TensorName};
@@ -77,7 +77,7 @@ fn fuzz_config() -> ProptestConfig {
 // ---------------------------------------------------------------------------------------------
 // Fixtures shared with `trust::tests`.
 
-use crate::trust::tests::{DAY_MS, PAYLOAD, T0, key, role, sign_all};
+use crate::trust::tests::{Fleet, PAYLOAD, T0, fleet, key, role, sign_all};
 
 fn sample_manifest() -> Manifest {
     crate::trust::tests::manifest(3, "aarch64")
@@ -109,22 +109,18 @@ struct Fixtures {
 
 /// Root 2-of-3, release 2-of-3, one controller key; a bundle, an assignment and sealed frames.
 static FIXTURES: LazyLock<Fixtures> = LazyLock::new(|| {
-    let root_keys: Vec<SecretKey> = (1..=3).map(key).collect();
-    let release_keys: Vec<SecretKey> = (11..=13).map(key).collect();
+    let Fleet {
+        root_keys,
+        release_keys: _,
+        controller,
+        root_bytes,
+        root,
+        keyring_bytes,
+        keyring,
+    } = fleet();
+    let root_doc = (*root).clone();
+    let keyring_doc = (*keyring).clone();
     let new_root_keys: Vec<SecretKey> = (31..=33).map(key).collect();
-    let controller = key(21);
-
-    let root_doc = RootKeyring {
-        version: 1,
-        created_at: T0,
-        root: role(&root_keys, 2),
-    };
-    let root_bytes = sign_all(
-        &root_doc,
-        Domain::RootKeyring,
-        &[&root_keys[0], &root_keys[1]],
-    );
-    let root = RootKeyring::verify_anchor(&root_bytes).unwrap();
     let rotation_doc = RootKeyring {
         version: 2,
         created_at: T0,
@@ -141,28 +137,10 @@ static FIXTURES: LazyLock<Fixtures> = LazyLock::new(|| {
         ],
     );
 
-    let keyring_doc = ReleaseKeyring {
-        version: 1,
-        created_at: T0,
-        expires: T0.plus_millis(365 * DAY_MS),
-        release: role(&release_keys, 2),
-        controller: role(std::slice::from_ref(&controller), 1),
-    };
-    let keyring_bytes = sign_all(
-        &keyring_doc,
-        Domain::ReleaseKeyring,
-        &[&root_keys[0], &root_keys[2]],
-    );
-    let keyring = ReleaseKeyring::verify(&keyring_bytes, &root, T0, 0).unwrap();
-
     let manifest = sample_manifest();
-    let signed_manifest = sign_all(
-        &manifest,
-        Domain::Manifest,
-        &[&release_keys[0], &release_keys[1]],
-    );
-    let mut bundle = bundle_header(&signed_manifest).unwrap();
-    bundle.extend_from_slice(PAYLOAD);
+    let fixture_fleet = fleet();
+    let signed_manifest = fixture_fleet.signed_manifest(&manifest);
+    let bundle = fixture_fleet.bundle(&manifest);
     let digest = Sha256Digest::of(&codec::encode(&manifest));
     let policy = ManifestPolicy {
         now: T0,
@@ -174,14 +152,7 @@ static FIXTURES: LazyLock<Fixtures> = LazyLock::new(|| {
     };
 
     let me = DeviceId::new("dev-1").unwrap();
-    let device = DeviceTrust {
-        device: me.clone(),
-        arch: Arch::new("aarch64").unwrap(),
-        agent_version: String::from("0.1.0"),
-        root: root.clone(),
-        keyring: keyring.clone(),
-        floors: Floors::default(),
-    };
+    let device = fixture_fleet.device();
     let assignment = Assignment {
         device: me.clone(),
         seq: 5,

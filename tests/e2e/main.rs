@@ -1,3 +1,7 @@
 //! End-to-end tests: real binaries, real models, real files.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers fail the test by panicking"
+)]
 
 mod cli_bundles;

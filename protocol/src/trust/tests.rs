@@ -19,6 +19,7 @@ pub(crate) struct Fleet {
     pub root_keys: Vec<SecretKey>,
     pub release_keys: Vec<SecretKey>,
     pub controller: SecretKey,
+    pub root_bytes: Vec<u8>,
     pub root: Verified<RootKeyring>,
     pub keyring_bytes: Vec<u8>,
     pub keyring: Verified<ReleaseKeyring>,
@@ -72,6 +73,7 @@ pub(crate) fn fleet() -> Fleet {
         root_keys,
         release_keys,
         controller,
+        root_bytes,
         root,
         keyring_bytes,
         keyring,
@@ -137,7 +139,7 @@ impl Fleet {
         bytes
     }
 
-    fn device(&self) -> DeviceTrust {
+    pub(crate) fn device(&self) -> DeviceTrust {
         DeviceTrust {
             device: DeviceId::new("dev-1").unwrap(),
             arch: Arch::new("aarch64").unwrap(),
