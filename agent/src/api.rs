@@ -1,0 +1,481 @@
+//! The local inference API, served by the worker on loopback TCP and a Unix socket.
+//!
+//! - `POST /v1/infer`: `{"inputs": {"<name>": {"shape": [..], "data": [..]}}, "outputs": [..]?}`
+//!   as JSON or CBOR (by `content-type`; the answer uses the same encoding). Every answer names the
+//!   model (name, version, release, manifest digest) in its body and in `x-edgefleet-model*`
+//!   headers.
+//! - `GET /v1/model`: the active model and its input/output schema.
+//! - `GET /v1/stats`: request and shadow counters of this worker.
+//! - `GET /healthz`.
+//!
+//! Errors are `{"error": {"code", "message"}}`: 400 unreadable body, 413 too large, 415 other
+//! media types, 422 inputs that do not fit the schema, 500 the model failed, 503 no model active.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use edgefleet_client::api::{
+    ErrorBody, ErrorDetail, InferRequest, InferResponse, ModelInfo, ModelSummary, Tensor,
+    TensorSchema,
+};
+use edgefleet_protocol::manifest::{DType, Manifest, NamedTensor, TensorData, TensorSpec};
+use serde::Serialize;
+
+use crate::control::WorkerStats;
+use crate::runtime::{LoadedModel, RuntimeError, max_abs_diff};
+
+/// A loaded model and what the API says about it.
+#[derive(Debug)]
+pub struct Served {
+    pub model: LoadedModel,
+    pub manifest: Manifest,
+    pub summary: ModelSummary,
+    /// Concurrent inferences allowed (the manifest's `runtime.threads`).
+    pub permits: tokio::sync::Semaphore,
+}
+
+/// A request copied to the shadow model.
+#[derive(Debug)]
+pub struct ShadowJob {
+    pub inputs: Vec<NamedTensor>,
+    pub primary: Vec<NamedTensor>,
+}
+
+#[derive(Debug)]
+pub struct ApiState {
+    pub active: Option<Arc<Served>>,
+    pub shadow: Option<(ModelSummary, SyncSender<ShadowJob>)>,
+    pub stats: Arc<Mutex<WorkerStats>>,
+    pub next_id: AtomicU64,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/infer", post(infer))
+        .route("/v1/model", get(model_info))
+        .route("/v1/stats", get(stats))
+        .route("/healthz", get(health))
+        .with_state(state)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Json,
+    Cbor,
+}
+
+fn encoded<T: Serialize>(encoding: Encoding, status: StatusCode, value: &T) -> Response {
+    match encoding {
+        Encoding::Json => match serde_json::to_vec(value) {
+            Ok(body) => {
+                (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+            }
+            Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+        },
+        Encoding::Cbor => (
+            status,
+            [(header::CONTENT_TYPE, "application/cbor")],
+            edgefleet_protocol::codec::encode(value),
+        )
+            .into_response(),
+    }
+}
+
+fn error(
+    encoding: Encoding,
+    status: StatusCode,
+    code: &str,
+    message: impl Into<String>,
+) -> Response {
+    encoded(
+        encoding,
+        status,
+        &ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        },
+    )
+}
+
+fn summary_headers(response: &mut Response, summary: &ModelSummary) {
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&format!("{}@{}", summary.name, summary.version)) {
+        headers.insert("x-edgefleet-model", value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&summary.digest) {
+        headers.insert("x-edgefleet-model-digest", value);
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::I32 => "i32",
+        DType::I64 => "i64",
+        DType::U8 => "u8",
+        DType::I8 => "i8",
+        DType::Bool => "bool",
+    }
+}
+
+/// Converts API numbers to the schema's element type, refusing values that do not fit.
+fn to_named(spec: &TensorSpec, tensor: Tensor) -> Result<NamedTensor, RuntimeError> {
+    fn ints<T: TryFrom<i64>>(spec: &TensorSpec, data: &[f64]) -> Result<Vec<T>, RuntimeError> {
+        data.iter()
+            .map(|v| {
+                (v.fract() == 0.0 && v.is_finite())
+                    .then(|| T::try_from(*v as i64).ok())
+                    .flatten()
+                    .ok_or_else(|| RuntimeError::Input {
+                        name: spec.name.to_string(),
+                        reason: format!("{v} is not a valid {}", dtype_name(spec.dtype)),
+                    })
+            })
+            .collect()
+    }
+    let data = match spec.dtype {
+        DType::F32 => TensorData::F32(tensor.data.iter().map(|v| *v as f32).collect()),
+        DType::F64 => TensorData::F64(tensor.data),
+        DType::I32 => TensorData::I32(ints(spec, &tensor.data)?),
+        DType::I64 => TensorData::I64(ints(spec, &tensor.data)?),
+        DType::U8 => TensorData::U8(ints(spec, &tensor.data)?),
+        DType::I8 => TensorData::I8(ints(spec, &tensor.data)?),
+        DType::Bool => TensorData::Bool(
+            ints::<u8>(spec, &tensor.data)?
+                .into_iter()
+                .map(|v| v != 0)
+                .collect(),
+        ),
+    };
+    Ok(NamedTensor {
+        name: spec.name.clone(),
+        shape: tensor.shape,
+        data,
+    })
+}
+
+fn from_named(tensor: NamedTensor) -> Tensor {
+    let (dtype, data): (DType, Vec<f64>) = match tensor.data {
+        TensorData::F32(v) => (DType::F32, v.into_iter().map(f64::from).collect()),
+        TensorData::F64(v) => (DType::F64, v),
+        TensorData::I32(v) => (DType::I32, v.into_iter().map(f64::from).collect()),
+        TensorData::I64(v) => (DType::I64, v.into_iter().map(|x| x as f64).collect()),
+        TensorData::U8(v) => (DType::U8, v.into_iter().map(f64::from).collect()),
+        TensorData::I8(v) => (DType::I8, v.into_iter().map(f64::from).collect()),
+        TensorData::Bool(v) => (
+            DType::Bool,
+            v.into_iter().map(|b| if b { 1.0 } else { 0.0 }).collect(),
+        ),
+    };
+    Tensor {
+        shape: tensor.shape,
+        data,
+        dtype: Some(dtype_name(dtype).to_owned()),
+    }
+}
+
+fn record(stats: &Mutex<WorkerStats>, f: impl FnOnce(&mut WorkerStats)) {
+    let mut stats = stats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    f(&mut stats);
+}
+
+async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let encoding = if content_type.starts_with("application/cbor") {
+        Encoding::Cbor
+    } else if content_type.starts_with("application/json") {
+        Encoding::Json
+    } else {
+        return error(
+            Encoding::Json,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("content-type {content_type:?} is not application/json or application/cbor"),
+        );
+    };
+    let bytes: Bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return error(
+                encoding,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "request body exceeds {} bytes (api.max_body_bytes)",
+                    state.max_body_bytes
+                ),
+            );
+        }
+    };
+    record(&state.stats, |s| s.requests += 1);
+    let request: InferRequest = match encoding {
+        Encoding::Json => match serde_json::from_slice(&bytes) {
+            Ok(request) => request,
+            Err(err) => {
+                return bad_request(
+                    &state,
+                    encoding,
+                    format!("body is not a valid inference request: {err}"),
+                );
+            }
+        },
+        Encoding::Cbor => match edgefleet_protocol::codec::decode(
+            "inference request",
+            &bytes,
+            state.max_body_bytes,
+        ) {
+            Ok(request) => request,
+            Err(err) => return bad_request(&state, encoding, err.to_string()),
+        },
+    };
+    let Some(served) = state.active.clone() else {
+        record(&state.stats, |s| s.unavailable += 1);
+        return error(
+            encoding,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_model",
+            "no model is active on this device yet; install one and retry",
+        );
+    };
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for (name, tensor) in request.inputs {
+        let Some(spec) = served
+            .model
+            .input_specs()
+            .iter()
+            .find(|s| s.name.as_str() == name)
+        else {
+            let known: Vec<&str> = served
+                .model
+                .input_specs()
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            return invalid(
+                &state,
+                encoding,
+                &served,
+                RuntimeError::Input {
+                    name,
+                    reason: format!(
+                        "the model has no such input; its inputs are {}",
+                        known.join(", ")
+                    ),
+                },
+            );
+        };
+        match to_named(spec, tensor) {
+            Ok(tensor) => inputs.push(tensor),
+            Err(err) => return invalid(&state, encoding, &served, err),
+        }
+    }
+    let shadow_inputs = state.shadow.as_ref().map(|_| inputs.clone());
+    let Ok(_permit) = served.permits.acquire().await else {
+        return error(
+            encoding,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the agent is stopping",
+        );
+    };
+    let started = Instant::now();
+    let result = tokio::task::block_in_place(|| served.model.run(inputs));
+    let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let outputs = match result {
+        Ok(outputs) => outputs,
+        Err(err) if err.is_input_error() => return invalid(&state, encoding, &served, err),
+        Err(err) => {
+            record(&state.stats, |s| s.runtime_errors += 1);
+            let mut response = error(
+                encoding,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "model_error",
+                err.to_string(),
+            );
+            summary_headers(&mut response, &served.summary);
+            return response;
+        }
+    };
+    record(&state.stats, |s| {
+        s.ok += 1;
+        s.latency.record(latency_us);
+    });
+    if let (Some((_, sender)), Some(inputs)) = (&state.shadow, shadow_inputs)
+        && let Err(TrySendError::Full(_)) = sender.try_send(ShadowJob {
+            inputs,
+            primary: outputs.clone(),
+        })
+    {
+        record(&state.stats, |s| s.shadow.dropped += 1);
+    }
+    let wanted = request.outputs;
+    let response = InferResponse {
+        id: state.next_id.fetch_add(1, Ordering::Relaxed),
+        model: served.summary.clone(),
+        latency_us,
+        outputs: outputs
+            .into_iter()
+            .filter(|o| {
+                wanted
+                    .as_ref()
+                    .is_none_or(|w| w.iter().any(|n| n == o.name.as_str()))
+            })
+            .map(|o| (o.name.to_string(), from_named(o)))
+            .collect(),
+    };
+    let mut response = encoded(encoding, StatusCode::OK, &response);
+    summary_headers(&mut response, &served.summary);
+    response
+}
+
+fn bad_request(state: &ApiState, encoding: Encoding, message: String) -> Response {
+    record(&state.stats, |s| s.invalid_input += 1);
+    error(encoding, StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+fn invalid(state: &ApiState, encoding: Encoding, served: &Served, err: RuntimeError) -> Response {
+    record(&state.stats, |s| s.invalid_input += 1);
+    let mut response = error(
+        encoding,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_input",
+        err.to_string(),
+    );
+    summary_headers(&mut response, &served.summary);
+    response
+}
+
+fn schema(specs: &[TensorSpec]) -> Vec<TensorSchema> {
+    specs
+        .iter()
+        .map(|s| TensorSchema {
+            name: s.name.to_string(),
+            dtype: dtype_name(s.dtype).to_owned(),
+            shape: s.shape.clone(),
+        })
+        .collect()
+}
+
+async fn model_info(State(state): State<Arc<ApiState>>) -> Response {
+    let Some(served) = &state.active else {
+        return error(
+            Encoding::Json,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_model",
+            "no model is active on this device yet",
+        );
+    };
+    let info = ModelInfo {
+        model: served.summary.clone(),
+        inputs: schema(&served.manifest.inputs),
+        outputs: schema(&served.manifest.outputs),
+        shadow: state.shadow.as_ref().map(|(summary, _)| summary.clone()),
+    };
+    encoded(Encoding::Json, StatusCode::OK, &info)
+}
+
+async fn stats(State(state): State<Arc<ApiState>>) -> Response {
+    let stats = state
+        .stats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    encoded(Encoding::Json, StatusCode::OK, &stats)
+}
+
+async fn health(State(state): State<Arc<ApiState>>) -> Response {
+    let body = serde_json::json!({
+        "status": if state.active.is_some() { "serving" } else { "no_model" },
+        "model": state.active.as_ref().map(|s| &s.summary),
+    });
+    encoded(Encoding::Json, StatusCode::OK, &body)
+}
+
+/// Runs shadow jobs on their own thread, off the request path, and accumulates agreement.
+pub fn shadow_loop(
+    model: Arc<Served>,
+    jobs: std::sync::mpsc::Receiver<ShadowJob>,
+    stats: Arc<Mutex<WorkerStats>>,
+) {
+    while let Ok(job) = jobs.recv() {
+        let started = Instant::now();
+        let result = model.model.run(job.inputs);
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut stats = stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let shadow = &mut stats.shadow;
+        match result {
+            Err(_) => shadow.errors += 1,
+            Ok(outputs) => {
+                shadow.compared += 1;
+                shadow.latency.record(micros);
+                if let (Some(primary), Some(candidate)) = (
+                    job.primary.first(),
+                    outputs
+                        .iter()
+                        .find(|o| Some(&o.name) == job.primary.first().map(|p| &p.name))
+                        .or(outputs.first()),
+                ) {
+                    if argmax(&primary.data) == argmax(&candidate.data) {
+                        shadow.argmax_agree += 1;
+                    }
+                    let n = primary.data.len().max(1) as f64;
+                    if let Some(diff) = mean_abs_diff(&primary.data, &candidate.data) {
+                        shadow.abs_diff_sum += diff / n;
+                    } else if let Some(max) = max_abs_diff(&primary.data, &candidate.data) {
+                        shadow.abs_diff_sum += max;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn as_f64(data: &TensorData) -> Vec<f64> {
+    match data {
+        TensorData::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::F64(v) => v.clone(),
+        TensorData::I32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::U8(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::I8(v) => v.iter().map(|x| f64::from(*x)).collect(),
+        TensorData::Bool(v) => v.iter().map(|x| if *x { 1.0 } else { 0.0 }).collect(),
+    }
+}
+
+/// Index of the largest element; for a single score, which side of 0.5 it falls on.
+fn argmax(data: &TensorData) -> Option<usize> {
+    let values = as_f64(data);
+    if values.len() == 1 {
+        return Some(usize::from(values[0] > 0.5));
+    }
+    values
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+}
+
+/// Sum of absolute differences, element by element (same length required).
+fn mean_abs_diff(a: &TensorData, b: &TensorData) -> Option<f64> {
+    let (a, b) = (as_f64(a), as_f64(b));
+    (a.len() == b.len()).then(|| a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum())
+}

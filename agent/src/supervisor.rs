@@ -1,0 +1,896 @@
+//! The agent daemon: owns the model store, the trust floors and the event journal; runs each
+//! model in a worker process; activates new models with a health check and reverts to the previous
+//! model on any failure; serves the admin socket; handles SIGTERM and systemd notifications.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use edgefleet_protocol::assignment::DeviceTrust;
+use edgefleet_protocol::bundle::split_header;
+use edgefleet_protocol::codec::MAX_MANIFEST_BYTES;
+use edgefleet_protocol::manifest::{Manifest, ManifestPolicy};
+use edgefleet_protocol::messages::{DeviceEvent, EventKind, FailureCode};
+use edgefleet_protocol::{Clock, Timestamp, codec};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::AgentConfig;
+use crate::control::{ModelSpec, WorkerCommand, WorkerEvent, WorkerSpec, WorkerStats};
+use crate::events::{Journal, event_json};
+use crate::store::{ModelStore, Slot, StoreState, Trial};
+use crate::trust::{self, AGENT_VERSION};
+
+/// Requests a worker must have answered before its error rate counts.
+pub const MIN_GRACE_SAMPLES: u64 = 20;
+/// Unexpected worker exits within [`CRASH_WINDOW`] that make the agent give up on a model.
+const MAX_CRASHES: usize = 3;
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// How long a draining worker may take to finish in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether a worker's live error rate breaks the manifest's limit, once enough requests count.
+pub fn error_rate_breach(stats: &WorkerStats, max_error_rate: f32) -> Option<String> {
+    let answered = stats.ok + stats.runtime_errors;
+    if answered < MIN_GRACE_SAMPLES {
+        return None;
+    }
+    let rate = stats.runtime_errors as f64 / answered as f64;
+    (rate > f64::from(max_error_rate)).then(|| {
+        format!("live error rate {:.1}% ({} of {answered} requests) is above the manifest's limit {:.1}%", rate * 100.0, stats.runtime_errors, max_error_rate * 100.0)
+    })
+}
+
+/// An admin request on the admin socket (one JSON line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminRequest {
+    Install { path: PathBuf },
+    Status,
+}
+
+/// The answer (one JSON line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminResponse {
+    Ok(serde_json::Value),
+    Error { code: String, message: String },
+}
+
+#[derive(Debug)]
+enum WorkerMsg {
+    Event(WorkerEvent),
+    Exited(String),
+}
+
+#[derive(Debug)]
+struct Worker {
+    generation: u64,
+    stdin: ChildStdin,
+    kill: Option<oneshot::Sender<()>>,
+    pid: Option<u32>,
+}
+
+impl Worker {
+    async fn send(&mut self, command: &WorkerCommand) {
+        let mut line = serde_json::to_string(command).expect("commands serialize");
+        line.push('\n');
+        // A worker that cannot take commands has exited; its exit message follows.
+        let _ = self.stdin.write_all(line.as_bytes()).await;
+        let _ = self.stdin.flush().await;
+    }
+
+    fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+}
+
+/// A failed activation, reported to the admin caller and journaled.
+#[derive(Debug)]
+struct Failure {
+    code: FailureCode,
+    message: String,
+}
+
+fn code_name(code: FailureCode) -> String {
+    serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+struct Supervisor {
+    config: AgentConfig,
+    clock: Arc<dyn Clock>,
+    trust: DeviceTrust,
+    store: Arc<Mutex<ModelStore>>,
+    journal: Journal,
+    worker: Option<Worker>,
+    generation: u64,
+    worker_tx: mpsc::UnboundedSender<(u64, WorkerMsg)>,
+    worker_rx: mpsc::UnboundedReceiver<(u64, WorkerMsg)>,
+    crashes: VecDeque<Instant>,
+    ready: bool,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
+    fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
+    let now = clock.now();
+    let trust = trust::load(&config, now)?;
+    let store_dir = config.store_dir();
+    let (store, repair) =
+        tokio::task::spawn_blocking(move || ModelStore::open(&store_dir, now)).await??;
+    let journal = Journal::new(&config.events_path());
+    for removed in &repair.removed {
+        tracing::info!(%removed, "removed leftover of an unfinished install");
+    }
+    let (worker_tx, worker_rx) = mpsc::unbounded_channel();
+    let mut sup = Supervisor {
+        config,
+        clock,
+        trust,
+        store: Arc::new(Mutex::new(store)),
+        journal,
+        worker: None,
+        generation: 0,
+        worker_tx,
+        worker_rx,
+        crashes: VecDeque::new(),
+        ready: false,
+    };
+    if let Some((failed, to)) = repair.interrupted_trial {
+        sup.record(
+            EventKind::RolledBack {
+                reason: FailureCode::Crash,
+                to: to.as_ref().and_then(Slot::model_ref),
+            },
+            Some(&failed),
+            "the agent stopped while this model was on trial; reverted to the previous model",
+        );
+    }
+    for (slot, reason) in repair.invalid {
+        sup.record(
+            EventKind::RolledBack {
+                reason: FailureCode::PayloadHash,
+                to: None,
+            },
+            Some(&slot),
+            &format!("installed files failed their check: {reason}"),
+        );
+    }
+    sup.start_current().await?;
+
+    let admin_path = sup.config.admin_socket();
+    let _ = fs::remove_file(&admin_path);
+    let admin = UnixListener::bind(&admin_path)
+        .with_context(|| format!("cannot listen on {}", admin_path.display()))?;
+    fs::set_permissions(&admin_path, fs::Permissions::from_mode(0o600))?;
+    let (admin_tx, mut admin_rx) =
+        mpsc::channel::<(AdminRequest, oneshot::Sender<AdminResponse>)>(16);
+    tokio::spawn(accept_admin(admin, admin_tx));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    loop {
+        tokio::select! {
+            Some((request, reply)) = admin_rx.recv() => {
+                let response = sup.admin(request).await;
+                let _ = reply.send(response);
+            }
+            Some((generation, msg)) = sup.worker_rx.recv() => sup.on_worker_msg(generation, msg).await?,
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = watchdog_tick.tick() => {
+                if watchdog.is_some() {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+        }
+    }
+    tracing::info!("stopping");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(worker) = sup.worker.take() {
+        sup.drain(worker).await;
+    }
+    let _ = fs::remove_file(&admin_path);
+    Ok(())
+}
+
+async fn accept_admin(
+    listener: UnixListener,
+    requests: mpsc::Sender<(AdminRequest, oneshot::Sender<AdminResponse>)>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let response = match serde_json::from_str::<AdminRequest>(&line) {
+                    Ok(request) => {
+                        let (tx, rx) = oneshot::channel();
+                        if requests.send((request, tx)).await.is_err() {
+                            return;
+                        }
+                        rx.await.unwrap_or(AdminResponse::Error {
+                            code: String::from("stopping"),
+                            message: String::from("the agent is stopping"),
+                        })
+                    }
+                    Err(err) => AdminResponse::Error {
+                        code: String::from("bad_request"),
+                        message: format!("not an admin request: {err}"),
+                    },
+                };
+                let mut out = serde_json::to_string(&response).unwrap_or_default();
+                out.push('\n');
+                if write.write_all(out.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+impl Supervisor {
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn state(&self) -> StoreState {
+        self.store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .state()
+            .clone()
+    }
+
+    async fn commit(&self, state: StoreState) -> Result<()> {
+        let store = self.store.clone();
+        let now = self.now();
+        tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .commit(state, now)
+        })
+        .await?
+    }
+
+    fn record(&self, kind: EventKind, slot: Option<&Slot>, detail: &str) {
+        let event = DeviceEvent {
+            at: self.now(),
+            kind,
+            model: slot.and_then(Slot::model_ref),
+            assignment_seq: None,
+            detail: detail.to_owned(),
+        };
+        tracing::info!(event = %event_json(&event), "event");
+        if let Err(err) = self.journal.append(&event) {
+            tracing::error!(error = %err, "cannot record an event in the journal");
+        }
+    }
+
+    fn model_spec(&self, slot: &Slot) -> ModelSpec {
+        let dir = self
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .model_dir(slot);
+        ModelSpec {
+            dir,
+            slot: slot.clone(),
+        }
+    }
+
+    async fn spawn_worker(
+        &mut self,
+        active: Option<&Slot>,
+        shadow: Option<&Slot>,
+    ) -> Result<Worker> {
+        self.generation += 1;
+        let generation = self.generation;
+        let spec = WorkerSpec {
+            active: active.map(|s| self.model_spec(s)),
+            shadow: shadow.map(|s| self.model_spec(s)),
+            listen: self.config.api_listen,
+            socket: self.config.api_socket.clone(),
+            memory_limit_bytes: self
+                .config
+                .model_memory_limit_mb
+                .saturating_mul(1024 * 1024),
+            max_body_bytes: self.config.api_max_body_bytes,
+            shadow_queue: self.config.shadow_queue,
+        };
+        let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
+        let mut child: Child = Command::new(exe)
+            .arg("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the model worker process")?;
+        let pid = child.id();
+        let mut stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let mut line = serde_json::to_string(&spec)?;
+        line.push('\n');
+        stdin
+            .write_all(line.as_bytes())
+            .await
+            .context("cannot hand the worker its spec")?;
+        let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
+        let tx = self.worker_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut killed = false;
+            loop {
+                tokio::select! {
+                    line = lines.next_line() => match line {
+                        Ok(Some(line)) => match serde_json::from_str::<WorkerEvent>(&line) {
+                            Ok(event) => { let _ = tx.send((generation, WorkerMsg::Event(event))); }
+                            Err(err) => tracing::warn!(error = %err, %line, "unreadable worker message"),
+                        },
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = &mut kill_rx, if !killed => {
+                        killed = true;
+                        let _ = child.start_kill();
+                    }
+                }
+            }
+            let status = match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(err) => format!("unknown ({err})"),
+            };
+            let _ = tx.send((generation, WorkerMsg::Exited(status)));
+        });
+        tracing::info!(generation, pid, model = ?active.map(|s| format!("{}@{}", s.name, s.version)), "started model worker");
+        Ok(Worker {
+            generation,
+            stdin,
+            kill: Some(kill_tx),
+            pid,
+        })
+    }
+
+    /// Waits for the next message of worker `generation`, until `deadline`.
+    async fn next_msg(&mut self, generation: u64, deadline: Instant) -> Option<WorkerMsg> {
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.worker_rx.recv()).await {
+                Ok(Some((g, msg))) if g == generation => return Some(msg),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Starts a worker for `active`/`shadow` and waits until it serves. On failure the worker is
+    /// gone and the reason returned.
+    async fn launch(
+        &mut self,
+        active: Option<&Slot>,
+        shadow: Option<&Slot>,
+    ) -> Result<Worker, Failure> {
+        let mut worker = self
+            .spawn_worker(active, shadow)
+            .await
+            .map_err(|err| Failure {
+                code: FailureCode::Io,
+                message: format!("{err:#}"),
+            })?;
+        let deadline = Instant::now() + Duration::from_secs(self.config.model_load_timeout_s);
+        loop {
+            match self.next_msg(worker.generation, deadline).await {
+                Some(WorkerMsg::Event(WorkerEvent::Loaded {
+                    shadow: Some(Err(reason)),
+                    ..
+                })) => {
+                    tracing::warn!(%reason, "shadow model failed to load; serving without it");
+                    self.record(EventKind::ShadowStopped, shadow, &reason);
+                    break;
+                }
+                Some(WorkerMsg::Event(WorkerEvent::Loaded { .. })) => break,
+                Some(WorkerMsg::Event(WorkerEvent::LoadFailed { code, detail })) => {
+                    self.reap(&mut worker).await;
+                    return Err(Failure {
+                        code,
+                        message: detail,
+                    });
+                }
+                Some(WorkerMsg::Exited(status)) => {
+                    return Err(Failure {
+                        code: FailureCode::Crash,
+                        message: format!(
+                            "the model worker died while loading the model ({status}); the model crashed it or exhausted its memory limit"
+                        ),
+                    });
+                }
+                Some(WorkerMsg::Event(_)) => continue,
+                None => {
+                    self.reap(&mut worker).await;
+                    return Err(Failure {
+                        code: FailureCode::ModelLoad,
+                        message: format!(
+                            "the model did not load within {} s (model.load_timeout_s)",
+                            self.config.model_load_timeout_s
+                        ),
+                    });
+                }
+            }
+        }
+        worker.send(&WorkerCommand::Serve).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.next_msg(worker.generation, deadline).await {
+                Some(WorkerMsg::Event(WorkerEvent::Serving)) => return Ok(worker),
+                Some(WorkerMsg::Exited(status)) => {
+                    return Err(Failure {
+                        code: FailureCode::Crash,
+                        message: format!("the model worker exited before serving ({status})"),
+                    });
+                }
+                Some(WorkerMsg::Event(_)) => continue,
+                None => {
+                    self.reap(&mut worker).await;
+                    return Err(Failure {
+                        code: FailureCode::Io,
+                        message: String::from("the model worker could not open the API sockets"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Kills a worker and waits for its exit.
+    async fn reap(&mut self, worker: &mut Worker) {
+        worker.kill();
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while let Some(msg) = self.next_msg(worker.generation, deadline).await {
+            if let WorkerMsg::Exited(_) = msg {
+                return;
+            }
+        }
+    }
+
+    /// Asks a worker to finish in-flight requests and exit; kills it if it does not.
+    async fn drain(&mut self, mut worker: Worker) {
+        worker.send(&WorkerCommand::Drain).await;
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while let Some(msg) = self.next_msg(worker.generation, deadline).await {
+            if let WorkerMsg::Exited(_) = msg {
+                return;
+            }
+        }
+        tracing::warn!(
+            generation = worker.generation,
+            "worker did not drain in time; killing it"
+        );
+        self.reap(&mut worker).await;
+    }
+
+    fn notify_ready(&mut self) {
+        if !self.ready {
+            self.ready = true;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            tracing::info!(listen = %self.config.api_listen, socket = %self.config.api_socket.display(), "agent ready");
+        }
+    }
+
+    /// Serves the committed state; if its active model no longer loads, falls back to the
+    /// previous one, then to serving no model.
+    async fn start_current(&mut self) -> Result<()> {
+        loop {
+            let state = self.state();
+            match self
+                .launch(state.active.as_ref(), state.shadow.as_ref())
+                .await
+            {
+                Ok(worker) => {
+                    if let Some(old) = self.worker.replace(worker) {
+                        self.drain(old).await;
+                    }
+                    self.notify_ready();
+                    return Ok(());
+                }
+                Err(failure) => {
+                    let Some(failed) = state.active.clone() else {
+                        anyhow::bail!("cannot start the model worker: {}", failure.message);
+                    };
+                    let next = StoreState {
+                        active: state.previous.clone(),
+                        previous: None,
+                        shadow: state.shadow.clone(),
+                        trial: None,
+                    };
+                    self.commit(next).await?;
+                    self.record(
+                        EventKind::RolledBack {
+                            reason: failure.code,
+                            to: state.previous.as_ref().and_then(Slot::model_ref),
+                        },
+                        Some(&failed),
+                        &failure.message,
+                    );
+                    let _ = self
+                        .store
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove_unreferenced(&failed);
+                }
+            }
+        }
+    }
+
+    async fn on_worker_msg(&mut self, generation: u64, msg: WorkerMsg) -> Result<()> {
+        let current = self.worker.as_ref().map(|w| w.generation);
+        if Some(generation) != current {
+            return Ok(());
+        }
+        if let WorkerMsg::Exited(status) = msg {
+            self.worker = None;
+            let state = self.state();
+            tracing::error!(%status, "the model worker died unexpectedly; restarting it");
+            let now = Instant::now();
+            self.crashes.push_back(now);
+            while self
+                .crashes
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+            {
+                self.crashes.pop_front();
+            }
+            if self.crashes.len() >= MAX_CRASHES
+                && let Some(failed) = state.active.clone()
+            {
+                self.crashes.clear();
+                let next = StoreState {
+                    active: state.previous.clone(),
+                    previous: None,
+                    shadow: state.shadow.clone(),
+                    trial: None,
+                };
+                self.commit(next).await?;
+                self.record(
+                    EventKind::RolledBack {
+                        reason: FailureCode::Crash,
+                        to: state.previous.as_ref().and_then(Slot::model_ref),
+                    },
+                    Some(&failed),
+                    &format!(
+                        "the model worker crashed {MAX_CRASHES} times within {} s (last: {status})",
+                        CRASH_WINDOW.as_secs()
+                    ),
+                );
+            }
+            self.start_current().await?;
+        }
+        Ok(())
+    }
+
+    async fn admin(&mut self, request: AdminRequest) -> AdminResponse {
+        match request {
+            AdminRequest::Status => AdminResponse::Ok(self.status()),
+            AdminRequest::Install { path } => match self.install(path).await {
+                Ok(value) => AdminResponse::Ok(value),
+                Err(failure) => AdminResponse::Error {
+                    code: code_name(failure.code),
+                    message: failure.message,
+                },
+            },
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let events = self.journal.read().unwrap_or_default();
+        let recent: Vec<serde_json::Value> = events
+            .iter()
+            .rev()
+            .take(100)
+            .rev()
+            .map(event_json)
+            .collect();
+        let floors = &self.trust.floors;
+        serde_json::json!({
+            "device_id": self.config.device_id.as_str(),
+            "agent_version": AGENT_VERSION,
+            "arch": self.config.arch.as_str(),
+            "state": self.state(),
+            "worker": self.worker.as_ref().map(|w| serde_json::json!({"generation": w.generation, "pid": w.pid})),
+            "floors": {
+                "assignment_seq": floors.assignment_seq,
+                "keyring_version": floors.keyring_version,
+                "releases": floors.releases.iter().map(|f| (f.model.to_string(), f.release)).collect::<std::collections::BTreeMap<_, _>>(),
+            },
+            "events": recent,
+        })
+    }
+
+    /// Standalone install: verify and unpack the bundle, commit it on trial, start it in a new
+    /// worker, watch it through its grace window, then keep it or revert.
+    async fn install(&mut self, path: PathBuf) -> Result<serde_json::Value, Failure> {
+        let now = self.now();
+        let (bundle, slot) = {
+            let store = self.store.clone();
+            let keyring = self.trust.keyring.clone();
+            let floors = self.trust.floors.clone();
+            let arch = self.trust.arch.clone();
+            let read_path = path.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                let mut file = fs::File::open(&read_path).map_err(|err| Failure {
+                    code: FailureCode::Io,
+                    message: format!("cannot open {}: {err}", read_path.display()),
+                })?;
+                // The release floor is per model: read the (not yet verified) name to pick it;
+                // verification then checks the same bytes.
+                let name = peek_model_name(&mut file).map_err(|message| Failure {
+                    code: FailureCode::Signature,
+                    message,
+                })?;
+                let policy = ManifestPolicy {
+                    now: floors.effective_now(now),
+                    device_arch: Some(arch),
+                    agent_version: Some(String::from(AGENT_VERSION)),
+                    release_floor: floors
+                        .releases
+                        .iter()
+                        .find(|f| f.model.as_str() == name)
+                        .map(|f| f.release),
+                    allow_downgrade: false,
+                    expected_digest: None,
+                };
+                let file = fs::File::open(&read_path).map_err(|err| Failure {
+                    code: FailureCode::Io,
+                    message: format!("cannot open {}: {err}", read_path.display()),
+                })?;
+                store
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .install(std::io::BufReader::new(file), &keyring, policy)
+                    .map_err(|err| Failure {
+                        code: err.failure_code(),
+                        message: err.to_string(),
+                    })
+            })
+            .await
+            .map_err(|err| Failure {
+                code: FailureCode::Io,
+                message: err.to_string(),
+            })?;
+            match res {
+                Ok(installed) => installed,
+                Err(failure) => {
+                    self.record(
+                        EventKind::InstallFailed {
+                            reason: failure.code,
+                        },
+                        None,
+                        &format!("{}: {}", path.display(), failure.message),
+                    );
+                    return Err(failure);
+                }
+            }
+        };
+        let state = self.state();
+        if state.active.as_ref() == Some(&slot) {
+            return Ok(serde_json::json!({"result": "already_active", "model": slot}));
+        }
+        // Floors first, then the commit: a crash between them leaves a higher floor, never a
+        // model installed below it.
+        self.trust.record_install(&bundle);
+        let floors_path = self.config.floors_path();
+        let floors = self.trust.floors.clone();
+        tokio::task::spawn_blocking(move || trust::save_floors(&floors_path, &floors))
+            .await
+            .map_err(|err| Failure {
+                code: FailureCode::Io,
+                message: err.to_string(),
+            })?
+            .map_err(|err| Failure {
+                code: FailureCode::Io,
+                message: format!("{err:#}"),
+            })?;
+        let previous = state.active.clone();
+        let trial = StoreState {
+            active: Some(slot.clone()),
+            previous: previous.clone(),
+            shadow: state.shadow.clone(),
+            trial: Some(Trial { started_at: now }),
+        };
+        self.commit(trial).await.map_err(|err| Failure {
+            code: FailureCode::Io,
+            message: format!("{err:#}"),
+        })?;
+        self.record(
+            EventKind::Installed,
+            Some(&slot),
+            &format!("installed from {}", path.display()),
+        );
+        let manifest: Manifest = bundle.into_inner().manifest;
+        match self.activate(&slot, previous.as_ref(), &manifest).await {
+            Ok(()) => {
+                let done = StoreState {
+                    active: Some(slot.clone()),
+                    previous: previous.clone(),
+                    shadow: state.shadow.clone(),
+                    trial: None,
+                };
+                self.commit(done).await.map_err(|err| Failure {
+                    code: FailureCode::Io,
+                    message: format!("{err:#}"),
+                })?;
+                self.record(
+                    EventKind::Activated,
+                    Some(&slot),
+                    "passed its self-test and grace window",
+                );
+                Ok(serde_json::json!({"result": "activated", "model": slot, "previous": previous}))
+            }
+            Err(failure) => {
+                let reverted = StoreState {
+                    active: previous.clone(),
+                    previous: None,
+                    shadow: state.shadow.clone(),
+                    trial: None,
+                };
+                self.commit(reverted).await.map_err(|err| Failure {
+                    code: FailureCode::Io,
+                    message: format!("{err:#}"),
+                })?;
+                self.record(
+                    EventKind::RolledBack {
+                        reason: failure.code,
+                        to: previous.as_ref().and_then(Slot::model_ref),
+                    },
+                    Some(&slot),
+                    &failure.message,
+                );
+                let _ = self
+                    .store
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove_unreferenced(&slot);
+                if self.worker.is_none() {
+                    self.start_current().await.map_err(|err| Failure {
+                        code: FailureCode::Io,
+                        message: format!("{err:#}"),
+                    })?;
+                }
+                let to = previous.as_ref().map_or_else(
+                    || String::from("no model"),
+                    |p| format!("{}@{}", p.name, p.version),
+                );
+                Err(Failure {
+                    code: failure.code,
+                    message: format!(
+                        "{}@{} was rolled back to {to}: {}",
+                        slot.name, slot.version, failure.message
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Starts the new model beside the old one; swaps when it serves; watches the grace window.
+    async fn activate(
+        &mut self,
+        slot: &Slot,
+        _previous: Option<&Slot>,
+        manifest: &Manifest,
+    ) -> Result<(), Failure> {
+        let shadow = self.state().shadow;
+        let worker = self.launch(Some(slot), shadow.as_ref()).await?;
+        let generation = worker.generation;
+        if let Some(old) = self.worker.replace(worker) {
+            self.drain(old).await;
+        }
+        let grace = Duration::from_secs(u64::from(manifest.runtime.grace_window_s));
+        let deadline = Instant::now() + grace;
+        while let Some(msg) = self.next_msg(generation, deadline).await {
+            match msg {
+                WorkerMsg::Event(WorkerEvent::Stats(stats)) => {
+                    if let Some(reason) = error_rate_breach(&stats, manifest.runtime.max_error_rate)
+                    {
+                        if let Some(mut worker) = self.worker.take() {
+                            self.reap(&mut worker).await;
+                        }
+                        return Err(Failure {
+                            code: FailureCode::ErrorRate,
+                            message: reason,
+                        });
+                    }
+                }
+                WorkerMsg::Exited(status) => {
+                    self.worker = None;
+                    return Err(Failure {
+                        code: FailureCode::Crash,
+                        message: format!(
+                            "the model worker died during the grace window ({status})"
+                        ),
+                    });
+                }
+                WorkerMsg::Event(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the model name from a bundle's manifest without verifying it (to pick its floor).
+fn peek_model_name(file: &mut fs::File) -> Result<String, String> {
+    let mut prefix = vec![0u8; edgefleet_protocol::bundle::HEADER_LEN];
+    file.read_exact(&mut prefix)
+        .map_err(|_| String::from("the file is too short to be a bundle"))?;
+    let len = u32::from_be_bytes([prefix[10], prefix[11], prefix[12], prefix[13]]) as usize;
+    if len > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "bundle manifest of {len} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit"
+        ));
+    }
+    split_header(&prefix).map_err(|err| err.to_string())?;
+    prefix.resize(prefix.len() + len, 0);
+    file.read_exact(&mut prefix[edgefleet_protocol::bundle::HEADER_LEN..])
+        .map_err(|_| String::from("the bundle ends inside its manifest"))?;
+    let (signed, _) = split_header(&prefix)
+        .map_err(|err| err.to_string())?
+        .ok_or("the bundle ends inside its manifest")?;
+    let manifest: Manifest = codec::decode("manifest", &signed.body, MAX_MANIFEST_BYTES)
+        .map_err(|err| err.to_string())?;
+    Ok(manifest.name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_rate_needs_a_minimum_sample_then_compares_with_the_limit() {
+        let stats = |ok, runtime_errors| WorkerStats {
+            ok,
+            runtime_errors,
+            ..Default::default()
+        };
+        assert_eq!(
+            error_rate_breach(&stats(0, 19), 0.05),
+            None,
+            "19 requests are too few to judge"
+        );
+        assert_eq!(
+            error_rate_breach(&stats(19, 1), 0.05),
+            None,
+            "5% is not above 5%"
+        );
+        let breach = error_rate_breach(&stats(18, 2), 0.05).unwrap();
+        assert_eq!(
+            breach,
+            "live error rate 10.0% (2 of 20 requests) is above the manifest's limit 5.0%"
+        );
+        let invalid_input_does_not_count = WorkerStats {
+            ok: 20,
+            invalid_input: 500,
+            ..Default::default()
+        };
+        assert_eq!(error_rate_breach(&invalid_input_does_not_count, 0.05), None);
+    }
+}
