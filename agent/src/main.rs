@@ -25,6 +25,13 @@ enum Command {
     Run,
     /// Install a signed bundle on the running agent (standalone mode) and wait for the verdict.
     Install { bundle: PathBuf },
+    /// Run a signed bundle as the shadow model beside the active one (`--clear` stops it).
+    Shadow {
+        #[arg(required_unless_present = "clear")]
+        bundle: Option<PathBuf>,
+        #[arg(long)]
+        clear: bool,
+    },
     /// Show the running agent's models, floors and recent events as JSON.
     Status,
     /// Print the effective configuration and exit.
@@ -79,6 +86,15 @@ fn main() -> ExitCode {
         Command::Install { bundle } => {
             let path = std::fs::canonicalize(&bundle).unwrap_or(bundle);
             admin_call(&config.admin_socket(), &AdminRequest::Install { path }).map(|value| {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
+            })
+        }
+        Command::Shadow { bundle, .. } => {
+            let path = bundle.map(|b| std::fs::canonicalize(&b).unwrap_or(b));
+            admin_call(&config.admin_socket(), &AdminRequest::SetShadow { path }).map(|value| {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&value).unwrap_or_default()

@@ -476,4 +476,3 @@ pub fn check_model_dir(dir: &Path, slot: &Slot) -> Result<(), String> {
     }
     Ok(())
 }
-

@@ -54,7 +54,13 @@ pub fn error_rate_breach(stats: &WorkerStats, max_error_rate: f32) -> Option<Str
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdminRequest {
-    Install { path: PathBuf },
+    Install {
+        path: PathBuf,
+    },
+    /// Run this bundle as the shadow model (or none) beside the active one.
+    SetShadow {
+        path: Option<PathBuf>,
+    },
     Status,
 }
 
@@ -101,6 +107,18 @@ impl Worker {
 struct Failure {
     code: FailureCode,
     message: String,
+}
+
+impl From<Result<serde_json::Value, Failure>> for AdminResponse {
+    fn from(result: Result<serde_json::Value, Failure>) -> Self {
+        match result {
+            Ok(value) => AdminResponse::Ok(value),
+            Err(failure) => AdminResponse::Error {
+                code: code_name(failure.code),
+                message: failure.message,
+            },
+        }
+    }
 }
 
 fn code_name(code: FailureCode) -> String {
@@ -592,13 +610,8 @@ impl Supervisor {
     async fn admin(&mut self, request: AdminRequest) -> AdminResponse {
         match request {
             AdminRequest::Status => AdminResponse::Ok(self.status()),
-            AdminRequest::Install { path } => match self.install(path).await {
-                Ok(value) => AdminResponse::Ok(value),
-                Err(failure) => AdminResponse::Error {
-                    code: code_name(failure.code),
-                    message: failure.message,
-                },
-            },
+            AdminRequest::Install { path } => self.install(path).await.into(),
+            AdminRequest::SetShadow { path } => self.set_shadow(path).await.into(),
         }
     }
 
@@ -629,69 +642,134 @@ impl Supervisor {
 
     /// Standalone install: verify and unpack the bundle, commit it on trial, start it in a new
     /// worker, watch it through its grace window, then keep it or revert.
+    /// Verifies a bundle file against the trust state and floors and unpacks it into the store.
+    async fn unpack(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<
+        (
+            edgefleet_protocol::Verified<edgefleet_protocol::Bundle>,
+            Slot,
+        ),
+        Failure,
+    > {
+        let now = self.now();
+        let store = self.store.clone();
+        let keyring = self.trust.keyring.clone();
+        let floors = self.trust.floors.clone();
+        let arch = self.trust.arch.clone();
+        let read_path = path.to_owned();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut file = fs::File::open(&read_path).map_err(|err| Failure {
+                code: FailureCode::Io,
+                message: format!("cannot open {}: {err}", read_path.display()),
+            })?;
+            // The release floor is per model: read the (not yet verified) name to pick it;
+            // verification then checks the same bytes.
+            let name = peek_model_name(&mut file).map_err(|message| Failure {
+                code: FailureCode::Signature,
+                message,
+            })?;
+            let policy = ManifestPolicy {
+                now: floors.effective_now(now),
+                device_arch: Some(arch),
+                agent_version: Some(String::from(AGENT_VERSION)),
+                release_floor: floors
+                    .releases
+                    .iter()
+                    .find(|f| f.model.as_str() == name)
+                    .map(|f| f.release),
+                allow_downgrade: false,
+                expected_digest: None,
+            };
+            let file = fs::File::open(&read_path).map_err(|err| Failure {
+                code: FailureCode::Io,
+                message: format!("cannot open {}: {err}", read_path.display()),
+            })?;
+            store
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .install(std::io::BufReader::new(file), &keyring, policy)
+                .map_err(|err| Failure {
+                    code: err.failure_code(),
+                    message: err.to_string(),
+                })
+        })
+        .await
+        .map_err(|err| Failure {
+            code: FailureCode::Io,
+            message: err.to_string(),
+        })?;
+        res.inspect_err(|failure| {
+            self.record(
+                EventKind::InstallFailed {
+                    reason: failure.code,
+                },
+                None,
+                &format!("{}: {}", path.display(), failure.message),
+            );
+        })
+    }
+
+    /// Runs `path`'s model as the shadow (or stops the shadow), swapping in a new worker.
+    async fn set_shadow(&mut self, path: Option<PathBuf>) -> Result<serde_json::Value, Failure> {
+        let slot = match &path {
+            Some(path) => Some(self.unpack(path).await?.1),
+            None => None,
+        };
+        let before = self.state();
+        let next = StoreState {
+            shadow: slot.clone(),
+            ..before.clone()
+        };
+        self.commit(next).await.map_err(|err| Failure {
+            code: FailureCode::Io,
+            message: format!("{err:#}"),
+        })?;
+        match self.launch(before.active.as_ref(), slot.as_ref()).await {
+            Ok(worker) => {
+                if let Some(old) = self.worker.replace(worker) {
+                    self.drain(old).await;
+                }
+                if let Some(old) = &before.shadow {
+                    self.record(EventKind::ShadowStopped, Some(old), "replaced");
+                    let _ = self
+                        .store
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove_unreferenced(old);
+                }
+                if let Some(slot) = &slot {
+                    self.record(
+                        EventKind::ShadowStarted,
+                        Some(slot),
+                        "running on copies of live requests",
+                    );
+                }
+                Ok(serde_json::json!({"result": "shadow_set", "shadow": slot}))
+            }
+            Err(failure) => {
+                self.commit(before).await.map_err(|err| Failure {
+                    code: FailureCode::Io,
+                    message: format!("{err:#}"),
+                })?;
+                if let Some(slot) = &slot {
+                    let _ = self
+                        .store
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove_unreferenced(slot);
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// Standalone install: verify and unpack the bundle, commit it on trial, start it in a new
+    /// worker, watch it through its grace window, then keep it or revert.
     async fn install(&mut self, path: PathBuf) -> Result<serde_json::Value, Failure> {
         let now = self.now();
-        let (bundle, slot) = {
-            let store = self.store.clone();
-            let keyring = self.trust.keyring.clone();
-            let floors = self.trust.floors.clone();
-            let arch = self.trust.arch.clone();
-            let read_path = path.clone();
-            let res = tokio::task::spawn_blocking(move || {
-                let mut file = fs::File::open(&read_path).map_err(|err| Failure {
-                    code: FailureCode::Io,
-                    message: format!("cannot open {}: {err}", read_path.display()),
-                })?;
-                // The release floor is per model: read the (not yet verified) name to pick it;
-                // verification then checks the same bytes.
-                let name = peek_model_name(&mut file).map_err(|message| Failure {
-                    code: FailureCode::Signature,
-                    message,
-                })?;
-                let policy = ManifestPolicy {
-                    now: floors.effective_now(now),
-                    device_arch: Some(arch),
-                    agent_version: Some(String::from(AGENT_VERSION)),
-                    release_floor: floors
-                        .releases
-                        .iter()
-                        .find(|f| f.model.as_str() == name)
-                        .map(|f| f.release),
-                    allow_downgrade: false,
-                    expected_digest: None,
-                };
-                let file = fs::File::open(&read_path).map_err(|err| Failure {
-                    code: FailureCode::Io,
-                    message: format!("cannot open {}: {err}", read_path.display()),
-                })?;
-                store
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .install(std::io::BufReader::new(file), &keyring, policy)
-                    .map_err(|err| Failure {
-                        code: err.failure_code(),
-                        message: err.to_string(),
-                    })
-            })
-            .await
-            .map_err(|err| Failure {
-                code: FailureCode::Io,
-                message: err.to_string(),
-            })?;
-            match res {
-                Ok(installed) => installed,
-                Err(failure) => {
-                    self.record(
-                        EventKind::InstallFailed {
-                            reason: failure.code,
-                        },
-                        None,
-                        &format!("{}: {}", path.display(), failure.message),
-                    );
-                    return Err(failure);
-                }
-            }
-        };
+        let (bundle, slot) = self.unpack(&path).await?;
         let state = self.state();
         if state.active.as_ref() == Some(&slot) {
             return Ok(serde_json::json!({"result": "already_active", "model": slot}));

@@ -118,6 +118,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A worker never outlives its supervisor (whatever kills the supervisor kills this too).
+    if let Err(err) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+    {
+        eprintln!("error: cannot tie the worker's life to the agent's: {err}");
+        return ExitCode::from(1);
+    }
     // Past this limit allocations fail and the process aborts: the supervisor sees a crash.
     let limit = rustix::process::Rlimit {
         current: Some(spec.memory_limit_bytes),
@@ -139,6 +146,9 @@ pub fn main() -> ExitCode {
         .shadow
         .as_ref()
         .map(|s| load(s).map_err(|(code, detail)| format!("{code:?}: {detail}")));
+    if active.is_some() {
+        crate::failpoint::hit("worker.loaded");
+    }
     emit(&WorkerEvent::Loaded {
         active: active.as_ref().map(|(_, report)| report.clone()),
         shadow: shadow.as_ref().map(|r| {

@@ -164,14 +164,20 @@ string_id!(
     RolloutId, "rollout id", 64, "._-"
 );
 string_id!(
-    /// A tensor, feature or payload name inside a bundle: 1–128 bytes of `[A-Za-z0-9._:-]`.
-    /// Payload names are file names on the device, hence no `/`, `\\` or `..`.
-    TensorName, "name", 128, "._:-"
+    /// A tensor, feature or payload name inside a bundle: 1–128 bytes of `[A-Za-z0-9._:/-]`
+    /// (ONNX tensor names such as `save_infer_model/scale_0.tmp_1` contain `/`). Payload names
+    /// are file names on the device and must also pass [`is_file_name`].
+    TensorName, "name", 128, "._:/-"
 );
 string_id!(
     /// A target architecture as Rust spells it (`x86_64`, `aarch64`, `arm`), or `any`.
     Arch, "architecture", 32, "_"
 );
+
+/// Whether `name` can be a file name inside a model directory: no `/`, not `.` or `..`.
+pub fn is_file_name(name: &str) -> bool {
+    !name.contains('/') && name != "." && name != ".." && !name.is_empty()
+}
 
 impl Arch {
     /// The wildcard a bundle uses when it runs on every architecture.

@@ -277,6 +277,12 @@ impl Manifest {
         }
         let mut names = BTreeSet::new();
         for payload in &self.payloads {
+            if !crate::ids::is_file_name(payload.name.as_str()) {
+                return Err(format!(
+                    "payload name {} must be a plain file name (no `/`)",
+                    payload.name
+                ));
+            }
             if !names.insert(payload.name.as_str()) {
                 return Err(format!("payload {} is listed twice", payload.name));
             }

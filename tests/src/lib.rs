@@ -1,6 +1,8 @@
 //! Harness for EdgeFleet's end-to-end tests: finds the workspace binaries, fetches the real ONNX
 //! models the tests run (cached, sha256-checked), and runs commands with useful failure output.
 
+pub mod agent;
+pub mod fleet;
 pub mod models;
 
 use std::path::{Path, PathBuf};

@@ -34,6 +34,24 @@ pub const SILERO_VAD_WITH_IF: WheelModel = WheelModel {
     sha256: "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
 };
 
+/// The PP-OCR mobile text-direction classifier (Apache-2.0): `x f32[?,3,?,?]` →
+/// `save_infer_model/scale_0.tmp_1 f32[?,2]`; run at `[1,3,48,192]`.
+pub const PPOCR_CLS: WheelModel = WheelModel {
+    package: "rapidocr-onnxruntime",
+    version: "1.4.4",
+    member: "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+    sha256: "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+};
+
+/// A fixture model committed in `agent/tests/models/`.
+pub fn fixture(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../agent/tests/models")
+        .join(name);
+    assert!(path.exists(), "fixture {} is missing", path.display());
+    path
+}
+
 static FETCH: Mutex<()> = Mutex::new(());
 
 fn sha256_of(path: &Path) -> Option<String> {

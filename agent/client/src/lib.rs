@@ -121,6 +121,11 @@ impl Client {
         self.conn.request("GET", "/v1/model", None)?.decode()
     }
 
+    /// Request and shadow-comparison counters of the serving worker.
+    pub fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
+        self.conn.request("GET", "/v1/stats", None)?.decode()
+    }
+
     /// The agent's health: whether it serves and which model.
     pub fn health(&mut self) -> Result<serde_json::Value, ClientError> {
         self.conn.request("GET", "/healthz", None)?.decode()

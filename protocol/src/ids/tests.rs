@@ -36,3 +36,12 @@ fn arch_any_accepts_every_device() {
     assert!(aarch64.accepts(&aarch64));
     assert!(!aarch64.accepts(&"x86_64".parse().unwrap()));
 }
+
+#[test]
+fn tensor_names_may_have_slashes_but_payload_file_names_may_not() {
+    assert!(TensorName::new("save_infer_model/scale_0.tmp_1").is_ok());
+    assert!(is_file_name("model.onnx"));
+    for bad in ["a/b", "..", ".", "../x"] {
+        assert!(!is_file_name(bad), "{bad}");
+    }
+}
