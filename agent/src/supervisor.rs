@@ -202,9 +202,17 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let watchdog = sd_notify::watchdog_enabled();
-    let mut watchdog_tick =
-        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    // The watchdog proves the runtime is alive; it runs apart from the main loop, which may wait
+    // through a model's whole grace window during an activation.
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
     loop {
         tokio::select! {
             Some((request, reply)) = admin_rx.recv() => {
@@ -214,11 +222,6 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
             Some((generation, msg)) = sup.worker_rx.recv() => sup.on_worker_msg(generation, msg).await?,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = watchdog_tick.tick() => {
-                if watchdog.is_some() {
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                }
-            }
         }
     }
     tracing::info!("stopping");
