@@ -480,7 +480,11 @@ mod tests {
     #[test]
     fn the_packaged_example_config_is_valid() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/agent.toml");
-        let config = AgentConfig::resolve(&ConfigArgs { config: Some(path), ..Default::default() }).unwrap();
+        let config = AgentConfig::resolve(&ConfigArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(config.device_id.as_str(), "pump-0001");
         assert_eq!(config.model_memory_limit_mb, 2048);
     }
