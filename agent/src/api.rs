@@ -31,6 +31,7 @@ use serde::Serialize;
 
 use crate::control::WorkerStats;
 use crate::runtime::{LoadedModel, RuntimeError, max_abs_diff};
+use crate::telemetry::WindowAcc;
 
 /// A loaded model and what the API says about it.
 #[derive(Debug)]
@@ -54,6 +55,8 @@ pub struct ApiState {
     pub active: Option<Arc<Served>>,
     pub shadow: Option<(ModelSummary, SyncSender<ShadowJob>)>,
     pub stats: Arc<Mutex<WorkerStats>>,
+    /// The current telemetry window of the active model.
+    pub window: Option<Arc<Mutex<WindowAcc>>>,
     pub next_id: AtomicU64,
     pub max_body_bytes: usize,
 }
@@ -193,6 +196,14 @@ fn record(stats: &Mutex<WorkerStats>, f: impl FnOnce(&mut WorkerStats)) {
     f(&mut stats);
 }
 
+fn window(state: &ApiState, f: impl FnOnce(&mut WindowAcc)) {
+    if let Some(window) = &state.window {
+        f(&mut window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+}
+
 async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -247,6 +258,7 @@ async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bod
     };
     let Some(served) = state.active.clone() else {
         record(&state.stats, |s| s.unavailable += 1);
+        window(&state, |w| w.data.errors.unavailable += 1);
         return error(
             encoding,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -287,6 +299,9 @@ async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bod
         }
     }
     let shadow_inputs = state.shadow.as_ref().map(|_| inputs.clone());
+    // Features are counted only for inputs that pass the schema check (below).
+    let mut features = Vec::new();
+    window(&state, |w| features = w.feature_values(&inputs));
     let Ok(_permit) = served.permits.acquire().await else {
         return error(
             encoding,
@@ -303,6 +318,10 @@ async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bod
         Err(err) if err.is_input_error() => return invalid(&state, encoding, &served, err),
         Err(err) => {
             record(&state.stats, |s| s.runtime_errors += 1);
+            window(&state, |w| {
+                w.data.errors.runtime += 1;
+                w.count_features(&features);
+            });
             let mut response = error(
                 encoding,
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -316,6 +335,12 @@ async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bod
     record(&state.stats, |s| {
         s.ok += 1;
         s.latency.record(latency_us);
+    });
+    window(&state, |w| {
+        w.count_features(&features);
+        w.data.inferences += 1;
+        w.data.latency.record(latency_us);
+        w.observe_outputs(&outputs);
     });
     if let (Some((_, sender)), Some(inputs)) = (&state.shadow, shadow_inputs)
         && let Err(TrySendError::Full(_)) = sender.try_send(ShadowJob {
@@ -352,6 +377,7 @@ fn bad_request(state: &ApiState, encoding: Encoding, message: String) -> Respons
 
 fn invalid(state: &ApiState, encoding: Encoding, served: &Served, err: RuntimeError) -> Response {
     record(&state.stats, |s| s.invalid_input += 1);
+    window(state, |w| w.data.errors.invalid_input += 1);
     let mut response = error(
         encoding,
         StatusCode::UNPROCESSABLE_ENTITY,

@@ -56,6 +56,15 @@ pub struct ConfigArgs {
     /// Log format: plain or json.
     #[arg(long, env = "EDGEFLEET_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
+    /// Seconds per telemetry window.
+    #[arg(long, env = "EDGEFLEET_TELEMETRY_WINDOW_S", global = true)]
+    pub telemetry_window_s: Option<String>,
+    /// Largest size of the offline report spool, in bytes; the oldest reports are dropped first.
+    #[arg(long, env = "EDGEFLEET_SPOOL_MAX_BYTES", global = true)]
+    pub spool_max_bytes: Option<String>,
+    /// Oldest report the spool keeps, in seconds.
+    #[arg(long, env = "EDGEFLEET_SPOOL_MAX_AGE_S", global = true)]
+    pub spool_max_age_s: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +100,9 @@ pub struct AgentConfig {
     pub model_load_timeout_s: u64,
     pub shadow_queue: usize,
     pub log_format: LogFormat,
+    pub telemetry_window_s: u64,
+    pub spool_max_bytes: u64,
+    pub spool_max_age_s: u64,
 }
 
 /// Every problem found, one per line.
@@ -114,6 +126,9 @@ const KEYS: &[(&str, &str)] = &[
     ("model.load_timeout_s", "model-load-timeout-s"),
     ("model.shadow_queue", "shadow-queue"),
     ("log.format", "log-format"),
+    ("telemetry.window_s", "telemetry-window-s"),
+    ("spool.max_bytes", "spool-max-bytes"),
+    ("spool.max_age_s", "spool-max-age-s"),
 ];
 
 struct Resolver {
@@ -286,6 +301,12 @@ impl AgentConfig {
         );
         let shadow_queue = r.get::<usize>("model.shadow_queue", &args.shadow_queue, Some("64"));
         let log_format = r.get::<LogFormat>("log.format", &args.log_format, Some("plain"));
+        let telemetry_window_s =
+            r.get::<u64>("telemetry.window_s", &args.telemetry_window_s, Some("60"));
+        let spool_max_bytes =
+            r.get::<u64>("spool.max_bytes", &args.spool_max_bytes, Some("16777216"));
+        let spool_max_age_s =
+            r.get::<u64>("spool.max_age_s", &args.spool_max_age_s, Some("604800"));
         let mut errors = r.errors;
         if let Some(addr) = api_listen
             && !addr.ip().is_loopback()
@@ -301,6 +322,9 @@ impl AgentConfig {
             ("model.memory_limit_mb", model_memory_limit_mb, 64),
             ("model.load_timeout_s", model_load_timeout_s, 1),
             ("model.shadow_queue", shadow_queue.map(|v| v as u64), 1),
+            ("telemetry.window_s", telemetry_window_s, 1),
+            ("spool.max_bytes", spool_max_bytes, 65_536),
+            ("spool.max_age_s", spool_max_age_s, 60),
         ] {
             if let Some(value) = value
                 && value < min
@@ -334,6 +358,9 @@ impl AgentConfig {
             Some(model_load_timeout_s),
             Some(shadow_queue),
             Some(log_format),
+            Some(telemetry_window_s),
+            Some(spool_max_bytes),
+            Some(spool_max_age_s),
         ) = (
             device_id,
             state_dir,
@@ -347,6 +374,9 @@ impl AgentConfig {
             model_load_timeout_s,
             shadow_queue,
             log_format,
+            telemetry_window_s,
+            spool_max_bytes,
+            spool_max_age_s,
         )
         else {
             return Err(ConfigErrors(vec![String::from("incomplete configuration")]));
@@ -365,6 +395,9 @@ impl AgentConfig {
             model_load_timeout_s,
             shadow_queue,
             log_format,
+            telemetry_window_s,
+            spool_max_bytes,
+            spool_max_age_s,
         })
     }
 
@@ -378,6 +411,10 @@ impl AgentConfig {
 
     pub fn floors_path(&self) -> PathBuf {
         self.state_dir.join("floors.cbor")
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.state_dir.join("spool")
     }
 
     pub fn events_path(&self) -> PathBuf {
@@ -419,6 +456,9 @@ impl AgentConfig {
             LogFormat::Json => "json",
         };
         let _ = writeln!(out, "\n[log]\nformat = \"{format}\"");
+        let _ = writeln!(out, "\n[telemetry]\nwindow_s = {}", self.telemetry_window_s);
+        let _ = writeln!(out, "\n[spool]\nmax_bytes = {}", self.spool_max_bytes);
+        let _ = writeln!(out, "max_age_s = {}", self.spool_max_age_s);
         out
     }
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use edgefleet_protocol::messages::FailureCode;
+use edgefleet_protocol::messages::{ErrorCounts, FailureCode, NamedSketch};
 use edgefleet_protocol::sketch::LatencyHistogram;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,8 @@ pub enum WorkerCommand {
     Serve,
     /// Stop accepting, finish in-flight requests, exit.
     Drain,
+    /// Send the telemetry accumulated since the last `take_window` and start a new window.
+    TakeWindow,
 }
 
 /// What loading a model showed.
@@ -61,6 +63,20 @@ pub enum WorkerEvent {
     Serving,
     /// Cumulative counters since the worker started.
     Stats(WorkerStats),
+    /// The telemetry window asked for with `take_window`.
+    Window(WindowData),
+}
+
+/// What the worker saw since the previous window: counts, latency, and sketches of the
+/// manifest's features (at its reference bin edges) and of the outputs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowData {
+    pub inferences: u64,
+    pub errors: ErrorCounts,
+    pub latency: LatencyHistogram,
+    pub features: Vec<NamedSketch>,
+    pub outputs: Vec<NamedSketch>,
+    pub shadow: ShadowCounters,
 }
 
 /// Cumulative request counters of one worker.
@@ -85,6 +101,24 @@ pub struct ShadowCounters {
     pub argmax_agree: u64,
     pub abs_diff_sum: f64,
     pub latency: LatencyHistogram,
+}
+
+impl ShadowCounters {
+    /// What was counted since `earlier` (both cumulative).
+    pub fn since(&self, earlier: &ShadowCounters) -> ShadowCounters {
+        let mut latency = self.latency.clone();
+        for (bucket, old) in latency.buckets.iter_mut().zip(&earlier.latency.buckets) {
+            *bucket = bucket.saturating_sub(*old);
+        }
+        ShadowCounters {
+            compared: self.compared.saturating_sub(earlier.compared),
+            dropped: self.dropped.saturating_sub(earlier.dropped),
+            errors: self.errors.saturating_sub(earlier.errors),
+            argmax_agree: self.argmax_agree.saturating_sub(earlier.argmax_agree),
+            abs_diff_sum: self.abs_diff_sum - earlier.abs_diff_sum,
+            latency,
+        }
+    }
 }
 
 impl WorkerStats {

@@ -7,8 +7,10 @@ pub mod control;
 pub mod events;
 pub mod failpoint;
 pub mod runtime;
+pub mod spool;
 pub mod store;
 pub mod supervisor;
+pub mod telemetry;
 pub mod trust;
 pub mod worker;
 

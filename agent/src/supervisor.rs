@@ -12,11 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use edgefleet_protocol::TopicKind;
 use edgefleet_protocol::assignment::DeviceTrust;
 use edgefleet_protocol::bundle::split_header;
 use edgefleet_protocol::codec::MAX_MANIFEST_BYTES;
 use edgefleet_protocol::manifest::{Manifest, ManifestPolicy};
-use edgefleet_protocol::messages::{DeviceEvent, EventKind, FailureCode};
+use edgefleet_protocol::messages::{
+    DeviceBody, DeviceEvent, EventKind, FailureCode, ResourceUsage, ShadowStats, TelemetryWindow,
+};
 use edgefleet_protocol::{Clock, Timestamp, codec};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -27,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::AgentConfig;
 use crate::control::{ModelSpec, WorkerCommand, WorkerEvent, WorkerSpec, WorkerStats};
 use crate::events::{Journal, event_json};
+use crate::spool::{Spool, SpoolLimits};
 use crate::store::{ModelStore, Slot, StoreState, Trial};
 use crate::trust::{self, AGENT_VERSION};
 
@@ -140,6 +144,21 @@ struct Supervisor {
     worker_rx: mpsc::UnboundedReceiver<(u64, WorkerMsg)>,
     crashes: VecDeque<Instant>,
     ready: bool,
+    spool: Spool,
+    window_started: Timestamp,
+    /// CPU ticks of the agent's processes at the start of the window.
+    cpu_ticks: u64,
+}
+
+/// CPU ticks (user + system) and resident bytes of a process, from `/proc`.
+fn proc_usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some((ticks, pages * rustix::param::page_size() as u64))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -152,6 +171,17 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
     let (store, repair) =
         tokio::task::spawn_blocking(move || ModelStore::open(&store_dir, now)).await??;
     let journal = Journal::new(&config.events_path());
+    let limits = SpoolLimits {
+        max_bytes: config.spool_max_bytes,
+        max_age_ms: config.spool_max_age_s.saturating_mul(1000),
+    };
+    let spool =
+        Spool::open(&config.spool_dir(), config.device_id.clone(), limits).with_context(|| {
+            format!(
+                "cannot open the report spool in {}",
+                config.spool_dir().display()
+            )
+        })?;
     for removed in &repair.removed {
         tracing::info!(%removed, "removed leftover of an unfinished install");
     }
@@ -168,6 +198,9 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
         worker_rx,
         crashes: VecDeque::new(),
         ready: false,
+        spool,
+        window_started: now,
+        cpu_ticks: 0,
     };
     if let Some((failed, to)) = repair.interrupted_trial {
         sup.record(
@@ -213,8 +246,13 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
             }
         });
     }
+    let mut window_tick = tokio::time::interval(Duration::from_secs(sup.config.telemetry_window_s));
+    window_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    window_tick.tick().await;
+    sup.cpu_ticks = sup.usage().0;
     loop {
         tokio::select! {
+            _ = window_tick.tick() => sup.close_window().await,
             Some((request, reply)) = admin_rx.recv() => {
                 let response = sup.admin(request).await;
                 let _ = reply.send(response);
@@ -297,7 +335,7 @@ impl Supervisor {
         .await?
     }
 
-    fn record(&self, kind: EventKind, slot: Option<&Slot>, detail: &str) {
+    fn record(&mut self, kind: EventKind, slot: Option<&Slot>, detail: &str) {
         let event = DeviceEvent {
             at: self.now(),
             kind,
@@ -308,6 +346,103 @@ impl Supervisor {
         tracing::info!(event = %event_json(&event), "event");
         if let Err(err) = self.journal.append(&event) {
             tracing::error!(error = %err, "cannot record an event in the journal");
+        }
+        let now = self.now();
+        if let Err(err) = self
+            .spool
+            .append(TopicKind::Event, DeviceBody::Event(event), now)
+        {
+            tracing::error!(error = %err, "cannot spool an event for the controller");
+        }
+    }
+
+    /// CPU ticks and resident bytes of the supervisor and its worker together.
+    fn usage(&self) -> (u64, u64) {
+        let own = proc_usage(std::process::id()).unwrap_or_default();
+        let worker = self
+            .worker
+            .as_ref()
+            .and_then(|w| w.pid)
+            .and_then(proc_usage)
+            .unwrap_or_default();
+        (own.0 + worker.0, own.1 + worker.1)
+    }
+
+    /// Ends the telemetry window: takes the worker's counts and sketches, adds resource usage,
+    /// and spools the report.
+    async fn close_window(&mut self) {
+        let now = self.now();
+        let started = std::mem::replace(&mut self.window_started, now);
+        let state = self.state();
+        let Some(active) = state.active.as_ref().and_then(Slot::model_ref) else {
+            return;
+        };
+        let Some(worker) = self.worker.as_mut() else {
+            return;
+        };
+        let generation = worker.generation;
+        worker.send(&WorkerCommand::TakeWindow).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let data = loop {
+            match self.next_msg(generation, deadline).await {
+                Some(WorkerMsg::Event(WorkerEvent::Window(data))) => break data,
+                Some(WorkerMsg::Event(_)) => continue,
+                Some(WorkerMsg::Exited(status)) => {
+                    if let Err(err) = self
+                        .on_worker_msg(generation, WorkerMsg::Exited(status))
+                        .await
+                    {
+                        tracing::error!(error = %err, "cannot restart the model worker");
+                    }
+                    return;
+                }
+                None => {
+                    tracing::warn!("the model worker did not send its telemetry window in time");
+                    return;
+                }
+            }
+        };
+        let (ticks, rss_bytes) = self.usage();
+        let elapsed_s = (now.millis_since(started) as f64 / 1000.0).max(0.001);
+        let cpu_percent = ticks.saturating_sub(self.cpu_ticks) as f64
+            / rustix::param::clock_ticks_per_second() as f64
+            / elapsed_s
+            * 100.0;
+        self.cpu_ticks = ticks;
+        let shadow = state
+            .shadow
+            .as_ref()
+            .and_then(Slot::model_ref)
+            .map(|model| ShadowStats {
+                model,
+                compared: data.shadow.compared,
+                dropped: data.shadow.dropped,
+                errors: data.shadow.errors,
+                argmax_agree: data.shadow.argmax_agree,
+                abs_diff_sum: data.shadow.abs_diff_sum,
+                latency: data.shadow.latency.clone(),
+            });
+        let window = TelemetryWindow {
+            model: active,
+            window_start: started,
+            window_end: now,
+            inferences: data.inferences,
+            errors: data.errors,
+            latency: data.latency,
+            features: data.features,
+            outputs: data.outputs,
+            shadow,
+            feedback: None,
+            resources: ResourceUsage {
+                cpu_percent: cpu_percent as f32,
+                rss_bytes,
+            },
+        };
+        if let Err(err) =
+            self.spool
+                .append(TopicKind::Telemetry, DeviceBody::Telemetry(window), now)
+        {
+            tracing::error!(error = %err, "cannot spool a telemetry window; it is lost");
         }
     }
 
@@ -640,6 +775,7 @@ impl Supervisor {
                 "releases": floors.releases.iter().map(|f| (f.model.to_string(), f.release)).collect::<std::collections::BTreeMap<_, _>>(),
             },
             "events": recent,
+            "spool": {"pending": self.spool.len()},
         })
     }
 
@@ -703,15 +839,17 @@ impl Supervisor {
             code: FailureCode::Io,
             message: err.to_string(),
         })?;
-        res.inspect_err(|failure| {
+        if let Err(failure) = &res {
+            let detail = format!("{}: {}", path.display(), failure.message);
             self.record(
                 EventKind::InstallFailed {
                     reason: failure.code,
                 },
                 None,
-                &format!("{}: {}", path.display(), failure.message),
+                &detail,
             );
-        })
+        }
+        res
     }
 
     /// Runs `path`'s model as the shadow (or stops the shadow), swapping in a new worker.

@@ -21,6 +21,7 @@ use crate::api::{self, ApiState, Served};
 use crate::control::{LoadReport, ModelSpec, WorkerCommand, WorkerEvent, WorkerSpec, WorkerStats};
 use crate::runtime::{GoldenError, LoadedModel, RuntimeError};
 use crate::store::{check_model_dir, read_manifest};
+use crate::telemetry::WindowAcc;
 
 static STDOUT: Mutex<()> = Mutex::new(());
 
@@ -226,18 +227,24 @@ async fn serve(
     let shadow = shadow
         .transpose()
         .context("cannot start the shadow thread")?;
+    let window = active
+        .as_ref()
+        .map(|served| Arc::new(Mutex::new(WindowAcc::new(&served.manifest))));
     let state = Arc::new(ApiState {
         active,
         shadow,
         stats: stats.clone(),
+        window: window.clone(),
         next_id: AtomicU64::new(1),
         max_body_bytes: spec.max_body_bytes,
     });
+    let window_stats = stats.clone();
 
     // Commands from the supervisor; EOF (the supervisor is gone) means drain.
     let (serve_tx, mut serve_rx) = watch::channel(false);
     let (drain_tx, drain_rx) = watch::channel(false);
     tokio::spawn(async move {
+        let mut last_shadow = crate::control::ShadowCounters::default();
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             match serde_json::from_str::<WorkerCommand>(&line) {
@@ -245,6 +252,24 @@ async fn serve(
                     let _ = serve_tx.send(true);
                 }
                 Ok(WorkerCommand::Drain) => break,
+                Ok(WorkerCommand::TakeWindow) => {
+                    let mut data = window
+                        .as_ref()
+                        .map(|w| {
+                            w.lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .take()
+                        })
+                        .unwrap_or_default();
+                    let shadow = window_stats
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .shadow
+                        .clone();
+                    data.shadow = shadow.since(&last_shadow);
+                    last_shadow = shadow;
+                    emit(&WorkerEvent::Window(data));
+                }
                 Err(err) => tracing::warn!(error = %err, "ignoring an unknown command"),
             }
         }

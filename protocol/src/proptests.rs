@@ -763,7 +763,7 @@ mod fuzz {
             parse_id(&input, "._-", ModelName::new)?;
             parse_id(&input, "._+-", ModelVersion::new)?;
             parse_id(&input, "._-", RolloutId::new)?;
-            parse_id(&input, "._:-", TensorName::new)?;
+            parse_id(&input, "._:/-", TensorName::new)?;
             parse_id(&input, "_", Arch::new)?;
             let _ = Sha256Digest::from_str(&input);
         }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use edgefleet_protocol::bundle::bundle_header;
 use edgefleet_protocol::crypto::{Domain, SecretKey};
 use edgefleet_protocol::manifest::{
-    DType, GoldenVector, Lineage, MANIFEST_FORMAT, Manifest, NamedTensor, NanPolicy, Payload,
-    PayloadRole, RuntimeSettings, Target, TensorData, TensorSpec,
+    DType, FeatureSpec, GoldenVector, Lineage, MANIFEST_FORMAT, Manifest, NamedTensor, NanPolicy,
+    Payload, PayloadRole, ReferenceStats, RuntimeSettings, Target, TensorData, TensorSpec,
 };
 use edgefleet_protocol::trust::{ReleaseKeyring, Role, RootKeyring, Signed};
 use edgefleet_protocol::{Arch, ModelName, ModelVersion, Sha256Digest, TensorName, Timestamp};
@@ -111,9 +111,9 @@ impl TestFleet {
             runtime: spec.runtime.clone(),
             inputs: spec.inputs.clone(),
             outputs: spec.outputs.clone(),
-            features: Vec::new(),
+            features: spec.features.clone(),
             golden: spec.golden.clone(),
-            reference: None,
+            reference: spec.reference.clone(),
             lineage: Lineage::default(),
             created_at: ISSUED,
             expires: ISSUED.plus_secs(10 * YEAR_S),
@@ -145,6 +145,8 @@ pub struct BundleSpec {
     pub outputs: Vec<TensorSpec>,
     pub golden: Vec<GoldenVector>,
     pub runtime: RuntimeSettings,
+    pub features: Vec<FeatureSpec>,
+    pub reference: Option<ReferenceStats>,
 }
 
 pub fn tensor(name: &str, shape: &[Option<u64>]) -> TensorSpec {
@@ -193,6 +195,8 @@ impl BundleSpec {
                 grace_window_s: 1,
                 ..RuntimeSettings::default()
             },
+            features: Vec::new(),
+            reference: None,
         }
     }
 
@@ -216,6 +220,8 @@ impl BundleSpec {
                 grace_window_s: 1,
                 ..RuntimeSettings::default()
             },
+            features: Vec::new(),
+            reference: None,
         }
     }
 }

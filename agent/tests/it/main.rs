@@ -7,6 +7,7 @@
 mod activation;
 mod crash;
 mod serve;
+mod telemetry;
 
 use std::path::PathBuf;
 

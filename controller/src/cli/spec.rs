@@ -265,7 +265,8 @@ mod tests {
                 .to_string()
                 .contains("f16")
         );
-        assert!(tensor_spec("x/y:f32:1").is_err());
+        assert!(tensor_spec("x#y:f32:1").is_err());
+        assert!(tensor_spec("save_infer_model/scale_0.tmp_1:f32:1x2").is_ok());
         assert!(
             tensor_spec("x:f32:ax1")
                 .unwrap_err()
