@@ -65,6 +65,31 @@ pub struct ConfigArgs {
     /// Oldest report the spool keeps, in seconds.
     #[arg(long, env = "EDGEFLEET_SPOOL_MAX_AGE_S", global = true)]
     pub spool_max_age_s: Option<String>,
+    /// The MQTT broker, `mqtts://host:port` (empty: no controller link).
+    #[arg(long, env = "EDGEFLEET_MQTT_URL", global = true)]
+    pub mqtt_url: Option<String>,
+    /// The fleet CA certificate (PEM) the broker's certificate must chain to.
+    #[arg(long, env = "EDGEFLEET_MQTT_CA", global = true)]
+    pub mqtt_ca: Option<String>,
+    /// This device's client certificate (PEM).
+    #[arg(long, env = "EDGEFLEET_MQTT_CERT", global = true)]
+    pub mqtt_cert: Option<String>,
+    /// This device's private key (PEM).
+    #[arg(long, env = "EDGEFLEET_MQTT_KEY", global = true)]
+    pub mqtt_key: Option<String>,
+    /// File holding this device's message-authentication key (64 hex digits).
+    #[arg(long, env = "EDGEFLEET_MQTT_MAC_KEY", global = true)]
+    pub mqtt_mac_key: Option<String>,
+    /// Seconds between MQTT keep-alive pings; a dead link is noticed within about twice this.
+    #[arg(long, env = "EDGEFLEET_MQTT_KEEP_ALIVE_S", global = true)]
+    pub mqtt_keep_alive_s: Option<String>,
+}
+
+/// The controller link, when `mqtt.url` is set.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub mqtt: crate::mqtt::MqttConfig,
+    pub mac_key: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +128,7 @@ pub struct AgentConfig {
     pub telemetry_window_s: u64,
     pub spool_max_bytes: u64,
     pub spool_max_age_s: u64,
+    pub link: Option<LinkConfig>,
 }
 
 /// Every problem found, one per line.
@@ -129,6 +155,12 @@ const KEYS: &[(&str, &str)] = &[
     ("telemetry.window_s", "telemetry-window-s"),
     ("spool.max_bytes", "spool-max-bytes"),
     ("spool.max_age_s", "spool-max-age-s"),
+    ("mqtt.url", "mqtt-url"),
+    ("mqtt.ca", "mqtt-ca"),
+    ("mqtt.cert", "mqtt-cert"),
+    ("mqtt.key", "mqtt-key"),
+    ("mqtt.mac_key", "mqtt-mac-key"),
+    ("mqtt.keep_alive_s", "mqtt-keep-alive-s"),
 ];
 
 struct Resolver {
@@ -307,6 +339,60 @@ impl AgentConfig {
             r.get::<u64>("spool.max_bytes", &args.spool_max_bytes, Some("16777216"));
         let spool_max_age_s =
             r.get::<u64>("spool.max_age_s", &args.spool_max_age_s, Some("604800"));
+        let mqtt_url = r.get::<String>("mqtt.url", &args.mqtt_url, Some(""));
+        let link = match mqtt_url.as_deref() {
+            None | Some("") => None,
+            Some(url) => {
+                let ca = r.get::<PathBuf>("mqtt.ca", &args.mqtt_ca, None);
+                let cert = r.get::<PathBuf>("mqtt.cert", &args.mqtt_cert, None);
+                let key = r.get::<PathBuf>("mqtt.key", &args.mqtt_key, None);
+                let mac_key = r.get::<PathBuf>("mqtt.mac_key", &args.mqtt_mac_key, None);
+                let keep_alive_s =
+                    r.get::<u64>("mqtt.keep_alive_s", &args.mqtt_keep_alive_s, Some("30"));
+                let host_port = url
+                    .strip_prefix("mqtts://")
+                    .and_then(|rest| rest.rsplit_once(':'))
+                    .and_then(|(host, port)| {
+                        Some((
+                            host.trim_matches(['[', ']']).to_owned(),
+                            port.parse::<u16>().ok()?,
+                        ))
+                    });
+                if host_port.is_none() {
+                    r.errors
+                        .push(format!("`mqtt.url` = {url:?} is not `mqtts://host:port`"));
+                }
+                // rumqttc refuses (panics on) keep-alives under 5 s.
+                if let Some(keep_alive) = keep_alive_s
+                    && keep_alive < 5
+                {
+                    r.errors.push(format!(
+                        "`mqtt.keep_alive_s` = {keep_alive} is below the minimum 5"
+                    ));
+                }
+                match (host_port, ca, cert, key, mac_key, keep_alive_s) {
+                    (
+                        Some((host, port)),
+                        Some(ca),
+                        Some(cert),
+                        Some(key),
+                        Some(mac_key),
+                        Some(keep_alive_s),
+                    ) => Some(LinkConfig {
+                        mqtt: crate::mqtt::MqttConfig {
+                            host,
+                            port,
+                            ca,
+                            cert,
+                            key,
+                            keep_alive_s,
+                        },
+                        mac_key,
+                    }),
+                    _ => None,
+                }
+            }
+        };
         let mut errors = r.errors;
         if let Some(addr) = api_listen
             && !addr.ip().is_loopback()
@@ -398,6 +484,7 @@ impl AgentConfig {
             telemetry_window_s,
             spool_max_bytes,
             spool_max_age_s,
+            link,
         })
     }
 
@@ -459,6 +546,26 @@ impl AgentConfig {
         let _ = writeln!(out, "\n[telemetry]\nwindow_s = {}", self.telemetry_window_s);
         let _ = writeln!(out, "\n[spool]\nmax_bytes = {}", self.spool_max_bytes);
         let _ = writeln!(out, "max_age_s = {}", self.spool_max_age_s);
+        if let Some(link) = &self.link {
+            let _ = writeln!(
+                out,
+                "\n[mqtt]\nurl = \"mqtts://{}:{}\"",
+                link.mqtt.host, link.mqtt.port
+            );
+            let _ = writeln!(
+                out,
+                "ca = {}\ncert = {}\nkey = {}",
+                q(&link.mqtt.ca),
+                q(&link.mqtt.cert),
+                q(&link.mqtt.key)
+            );
+            let _ = writeln!(
+                out,
+                "mac_key = {}\nkeep_alive_s = {}",
+                q(&link.mac_key),
+                link.mqtt.keep_alive_s
+            );
+        }
         out
     }
 }
@@ -527,6 +634,23 @@ mod tests {
         .unwrap();
         assert_eq!(config.device_id.as_str(), "pump-0001");
         assert_eq!(config.model_memory_limit_mb, 2048);
+    }
+
+    #[test]
+    fn mqtt_settings_are_checked_together() {
+        let (_dir, mut args) = args_with_file(
+            "device_id = \"d\"\n[mqtt]\nurl = \"mqtt://broker:1883\"\nkeep_alive_s = 2\n",
+        );
+        args.config = args.config.clone();
+        let err = AgentConfig::resolve(&args).unwrap_err().to_string();
+        for needle in [
+            "is not `mqtts://host:port`",
+            "`mqtt.keep_alive_s` = 2 is below the minimum 5",
+            "`mqtt.ca` is required",
+            "`mqtt.mac_key` is required",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod failpoint;
+pub mod mqtt;
 pub mod runtime;
 pub mod spool;
 pub mod store;

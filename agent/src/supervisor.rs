@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::AgentConfig;
 use crate::control::{ModelSpec, WorkerCommand, WorkerEvent, WorkerSpec, WorkerStats};
 use crate::events::{Journal, event_json};
+use crate::mqtt::{Link, LinkEvent};
 use crate::spool::{Spool, SpoolLimits};
 use crate::store::{ModelStore, Slot, StoreState, Trial};
 use crate::trust::{self, AGENT_VERSION};
@@ -148,6 +149,22 @@ struct Supervisor {
     window_started: Timestamp,
     /// CPU ticks of the agent's processes at the start of the window.
     cpu_ticks: u64,
+    link: Option<Link>,
+    mac_key: Option<edgefleet_protocol::DeviceMacKey>,
+    connected: bool,
+    /// Highest spooled sequence published on the current connection.
+    sent_up_to: u64,
+    started: Instant,
+}
+
+/// Reads a device MAC key file (64 hex digits).
+fn read_mac_key(path: &std::path::Path) -> Result<edgefleet_protocol::DeviceMacKey> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read the device MAC key {}", path.display()))?;
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key)
+        .with_context(|| format!("{} must hold 64 hex digits", path.display()))?;
+    Ok(edgefleet_protocol::DeviceMacKey(key))
 }
 
 /// CPU ticks (user + system) and resident bytes of a process, from `/proc`.
@@ -201,7 +218,21 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
         spool,
         window_started: now,
         cpu_ticks: 0,
+        link: None,
+        mac_key: None,
+        connected: false,
+        sent_up_to: 0,
+        started: Instant::now(),
     };
+    let mut link_rx = None;
+    if let Some(link) = sup.config.link.clone() {
+        let key = read_mac_key(&link.mac_key)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let will = sup.status_message(false, &key);
+        sup.link = Some(Link::start(&link.mqtt, &sup.config.device_id, will, tx)?);
+        sup.mac_key = Some(key);
+        link_rx = Some(rx);
+    }
     if let Some((failed, to)) = repair.interrupted_trial {
         sup.record(
             EventKind::RolledBack {
@@ -250,8 +281,22 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
     window_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     window_tick.tick().await;
     sup.cpu_ticks = sup.usage().0;
+    let mut resend_tick = tokio::time::interval(Duration::from_secs(30));
+    resend_tick.tick().await;
     loop {
+        let link_event = async {
+            match link_rx.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            Some(event) = link_event => sup.on_link_event(event),
+            _ = resend_tick.tick() => {
+                // Anything still unacknowledged is sent again; the controller ingests each once.
+                sup.sent_up_to = 0;
+                sup.flush();
+            }
             _ = window_tick.tick() => sup.close_window().await,
             Some((request, reply)) = admin_rx.recv() => {
                 let response = sup.admin(request).await;
@@ -353,6 +398,102 @@ impl Supervisor {
             .append(TopicKind::Event, DeviceBody::Event(event), now)
         {
             tracing::error!(error = %err, "cannot spool an event for the controller");
+        }
+        self.publish_status();
+        self.flush();
+    }
+
+    /// The retained status: online or not, what runs, as a sealed report (sequence 0: status
+    /// is not spooled; the newest one wins).
+    fn status_message(&self, online: bool, key: &edgefleet_protocol::DeviceMacKey) -> Vec<u8> {
+        let state = self.state();
+        let status = edgefleet_protocol::messages::Status {
+            online,
+            agent_version: String::from(AGENT_VERSION),
+            arch: self.config.arch.clone(),
+            active: state.active.as_ref().and_then(Slot::model_ref),
+            previous: state.previous.as_ref().and_then(Slot::model_ref),
+            shadow: state.shadow.as_ref().and_then(Slot::model_ref),
+            assignment_seq: self.trust.floors.assignment_seq,
+            uptime_s: self.started.elapsed().as_secs(),
+        };
+        edgefleet_protocol::DeviceMessage::new(
+            self.config.device_id.clone(),
+            0,
+            self.now(),
+            DeviceBody::Status(status),
+        )
+        .seal(key)
+    }
+
+    fn publish_status(&self) {
+        if let (true, Some(link), Some(key)) = (self.connected, &self.link, &self.mac_key) {
+            link.publish(TopicKind::Status, self.status_message(true, key), true);
+        }
+    }
+
+    /// Publishes spooled reports not yet sent on this connection, oldest first.
+    fn flush(&mut self) {
+        let (true, Some(link), Some(key)) = (self.connected, &self.link, &self.mac_key) else {
+            return;
+        };
+        let pending = match self.spool.pending() {
+            Ok(pending) => pending,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot read the report spool");
+                return;
+            }
+        };
+        let sent_up_to = self.sent_up_to;
+        for report in pending.into_iter().filter(|r| r.seq > sent_up_to) {
+            if !link.publish(report.kind, report.message.seal(key), false) {
+                break;
+            }
+            self.sent_up_to = report.seq;
+        }
+    }
+
+    fn on_link_event(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected => {
+                tracing::info!("connected to the controller's broker");
+                self.connected = true;
+                self.sent_up_to = 0;
+                self.publish_status();
+                self.flush();
+            }
+            LinkEvent::Disconnected(_) => self.connected = false,
+            LinkEvent::Message { topic, payload } => {
+                let Some(key) = &self.mac_key else { return };
+                match edgefleet_protocol::Topic::parse(&topic) {
+                    Ok(parsed)
+                        if parsed.device == self.config.device_id
+                            && parsed.kind == TopicKind::Ack =>
+                    {
+                        match edgefleet_protocol::ControllerMessage::open(
+                            key,
+                            &self.config.device_id,
+                            &payload,
+                        ) {
+                            Ok(message) => {
+                                if let edgefleet_protocol::messages::ControllerBody::Ack { seqs } =
+                                    message.body
+                                    && let Err(err) = self.spool.ack(&seqs)
+                                {
+                                    tracing::error!(error = %err, "cannot remove acknowledged reports from the spool");
+                                }
+                            }
+                            Err(err) => {
+                                tracing::warn!(error = %err, %topic, "rejected a controller message")
+                            }
+                        }
+                    }
+                    Ok(parsed) => {
+                        tracing::debug!(kind = ?parsed.kind, "ignoring a message this agent does not handle yet")
+                    }
+                    Err(err) => tracing::warn!(error = %err, "message on an unexpected topic"),
+                }
+            }
         }
     }
 

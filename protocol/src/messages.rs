@@ -412,3 +412,134 @@ impl ControllerMessage {
         Ok(message)
     }
 }
+
+/// The receiver's replay guard for one device's reports: each sequence number is accepted once,
+/// in any order. Everything below `below` has been seen; `seen` holds the accepted numbers above
+/// it (gaps are reports still in flight or lost).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeqWindow {
+    pub below: u64,
+    pub seen: Vec<u64>,
+}
+
+impl SeqWindow {
+    /// Gaps older than this many accepted reports are given up on (the device's spool dropped or
+    /// will never resend them), so the window stays bounded.
+    pub const MAX_TRACKED: usize = 4096;
+
+    /// Whether `seq` is new; if so it is recorded.
+    pub fn accept(&mut self, seq: u64) -> bool {
+        if seq < self.below {
+            return false;
+        }
+        let Err(at) = self.seen.binary_search(&seq) else {
+            return false;
+        };
+        self.seen.insert(at, seq);
+        while self.seen.first() == Some(&self.below) {
+            self.seen.remove(0);
+            self.below += 1;
+        }
+        if self.seen.len() > Self::MAX_TRACKED {
+            let oldest = self.seen.remove(0);
+            self.below = oldest + 1;
+            while self.seen.first() == Some(&self.below) {
+                self.seen.remove(0);
+                self.below += 1;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{ControllerBody, DeviceBody, Status};
+
+    fn status(device: &str, seq: u64) -> DeviceMessage {
+        DeviceMessage::new(
+            DeviceId::new(device).unwrap(),
+            seq,
+            Timestamp(1),
+            DeviceBody::Status(Status {
+                online: true,
+                agent_version: String::from("0.1.0"),
+                arch: Arch::new("x86_64").unwrap(),
+                active: None,
+                previous: None,
+                shadow: None,
+                assignment_seq: 0,
+                uptime_s: 0,
+            }),
+        )
+    }
+
+    #[test]
+    fn device_a_cannot_speak_for_device_b() {
+        let (key_a, key_b) = (DeviceMacKey([1; 32]), DeviceMacKey([2; 32]));
+        let b = DeviceId::new("b").unwrap();
+        // A's frame replayed on B's topic: the controller checks it with B's key.
+        let frame = status("a", 1).seal(&key_a);
+        assert_eq!(
+            DeviceMessage::open(&key_b, &b, &frame).unwrap_err(),
+            FrameError::BadMac {
+                device: String::from("b")
+            }
+        );
+        // A forges a body naming B and MACs it with its own key, on its own topic.
+        let forged = status("b", 1).seal(&key_a);
+        let err = DeviceMessage::open(&key_a, &DeviceId::new("a").unwrap(), &forged).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::DeviceMismatch {
+                topic_device: String::from("a"),
+                body_device: String::from("b")
+            }
+        );
+        // A device frame is not a controller frame, even with the right key.
+        assert!(matches!(
+            ControllerMessage::open(&key_b, &b, &status("b", 1).seal(&key_b)),
+            Err(FrameError::BadMac { .. })
+        ));
+        let ack = ControllerMessage::new(
+            b.clone(),
+            Timestamp(0),
+            ControllerBody::Ack { seqs: vec![1] },
+        )
+        .seal(&key_b);
+        assert!(matches!(
+            DeviceMessage::open(&key_b, &b, &ack),
+            Err(FrameError::BadMac { .. })
+        ));
+    }
+
+    #[test]
+    fn replayed_reports_are_refused_and_out_of_order_ones_accepted_once() {
+        let mut window = SeqWindow { below: 1, seen: Vec::new() };
+        for seq in [1, 2, 5, 3] {
+            assert!(window.accept(seq), "{seq}");
+        }
+        for replay in [1, 2, 3, 5] {
+            assert!(!window.accept(replay), "{replay} replayed");
+        }
+        assert_eq!((window.below, window.seen.clone()), (4, vec![5]));
+        assert!(window.accept(4));
+        assert_eq!((window.below, window.seen.len()), (6, 0));
+    }
+
+    #[test]
+    fn the_replay_window_stays_bounded() {
+        let mut window = SeqWindow {
+            below: 1,
+            seen: Vec::new(),
+        };
+        // Seq 1 never arrives; thousands after it do.
+        for seq in 2..(SeqWindow::MAX_TRACKED as u64 + 10) {
+            assert!(window.accept(seq));
+        }
+        assert!(window.seen.len() <= SeqWindow::MAX_TRACKED);
+        assert!(!window.accept(1), "a gap given up on stays closed");
+    }
+}

@@ -2,8 +2,33 @@
 //! models the tests run (cached, sha256-checked), and runs commands with useful failure output.
 
 pub mod agent;
+pub mod broker;
 pub mod fleet;
 pub mod models;
+pub mod peer;
+
+/// A rustls client config (ring provider) trusting `ca` and presenting `identity`.
+pub fn mqtt_tls(ca: &Path, identity: &broker::CertFiles) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
+        roots.add(cert.expect("CA cert")).expect("add CA");
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&identity.cert)
+        .expect("read cert")
+        .map(|c| c.expect("cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&identity.key).expect("read key");
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client auth")
+}
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

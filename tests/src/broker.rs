@@ -1,0 +1,183 @@
+//! A real Mosquitto broker for tests: a throwaway PKI (rcgen), mutual TLS on a loopback port,
+//! `use_identity_as_username` and the per-device ACL patterns from the protocol crate, no
+//! persistence. Killed with SIGKILL and restarted on the same port for outage tests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+use crate::agent::{free_port, wait_until};
+
+/// A certificate and key as PEM files.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A CA that issues the broker's and clients' certificates.
+#[derive(Debug)]
+pub struct TestPki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestPki {
+    pub fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("pki dir");
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "EdgeFleet test fleet CA");
+        let cert = params.self_signed(&key).expect("self-sign CA");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, cert.pem()).expect("write CA");
+        Self {
+            dir: dir.to_owned(),
+            ca,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Issues a certificate with common name `cn` (and `sans` as subject alternative names).
+    pub fn issue(&self, cn: &str, sans: &[&str]) -> CertFiles {
+        let key = KeyPair::generate().expect("key");
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let files = CertFiles {
+            cert: self.dir.join(format!("{cn}.pem")),
+            key: self.dir.join(format!("{cn}-key.pem")),
+        };
+        std::fs::write(&files.cert, cert.pem()).expect("write cert");
+        std::fs::write(&files.key, key.serialize_pem()).expect("write key");
+        files
+    }
+}
+
+/// The Mosquitto binary (Debian installs it in /usr/sbin, which may not be on PATH).
+fn mosquitto_bin() -> PathBuf {
+    let sbin = PathBuf::from("/usr/sbin/mosquitto");
+    if sbin.exists() {
+        sbin
+    } else {
+        PathBuf::from("mosquitto")
+    }
+}
+
+/// Whether Mosquitto can run here. Tests needing it may skip locally, never in CI.
+pub fn mosquitto_available() -> bool {
+    let found = Command::new(mosquitto_bin())
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mosquitto must be installed in CI (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
+    }
+    found
+}
+
+#[derive(Debug)]
+pub struct Mosquitto {
+    pub addr: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with mTLS on a free loopback port. `controller_cn` may read and write
+    /// every fleet topic; devices only their own (`%u` = certificate common name).
+    pub fn start(pki: &TestPki, dir: &Path, controller_cn: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("broker dir");
+        let server = pki.issue("broker", &["localhost", "127.0.0.1"]);
+        let addr = free_port();
+        let acl = dir.join("acl");
+        let mut acl_text = format!("user {controller_cn}\ntopic readwrite edgefleet/#\n\n");
+        for line in edgefleet_protocol::topics::mosquitto_acl_patterns() {
+            acl_text.push_str(&line);
+            acl_text.push('\n');
+        }
+        std::fs::write(&acl, acl_text).expect("write acl");
+        let config = dir.join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "per_listener_settings false\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
+                 listener {port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\n\
+                 use_identity_as_username true\nallow_anonymous false\nacl_file {acl}\nmax_packet_size 262144\n",
+                port = addr.port(),
+                ca = pki.ca.display(),
+                cert = server.cert.display(),
+                key = server.key.display(),
+                acl = acl.display(),
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let mut broker = Self {
+            addr,
+            config,
+            log: dir.join("mosquitto.log"),
+            child: None,
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("broker log");
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let addr = self.addr;
+        wait_until(Duration::from_secs(10), "mosquitto to listen", || {
+            std::net::TcpStream::connect(addr).ok()
+        });
+    }
+
+    /// SIGKILL: the broker loses every session and in-flight message.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
