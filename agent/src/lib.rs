@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod download;
 pub mod events;
 pub mod failpoint;
 pub mod mqtt;

@@ -107,6 +107,13 @@ impl Worker {
     }
 }
 
+/// What an assignment pins: the manifest digest, and whether it may go below the release floor.
+#[derive(Debug, Clone, Copy)]
+struct Pin {
+    digest: edgefleet_protocol::Sha256Digest,
+    allow_downgrade: bool,
+}
+
 /// A failed activation, reported to the admin caller and journaled.
 #[derive(Debug)]
 struct Failure {
@@ -155,6 +162,18 @@ struct Supervisor {
     /// Highest spooled sequence published on the current connection.
     sent_up_to: u64,
     started: Instant,
+    downloader: Option<crate::download::Downloader>,
+    /// The download carrying out the newest assignment, if any: (assignment seq, digest, task).
+    download: Option<(u64, String, tokio::task::JoinHandle<()>)>,
+    downloads_tx: mpsc::UnboundedSender<Downloaded>,
+}
+
+/// A finished (or failed) download for assignment `seq`.
+#[derive(Debug)]
+struct Downloaded {
+    seq: u64,
+    assignment: edgefleet_protocol::Verified<edgefleet_protocol::Assignment>,
+    result: Result<PathBuf, String>,
 }
 
 /// Reads a device MAC key file (64 hex digits).
@@ -203,6 +222,9 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
         tracing::info!(%removed, "removed leftover of an unfinished install");
     }
     let (worker_tx, worker_rx) = mpsc::unbounded_channel();
+    let (downloads_tx, mut downloads_rx) = mpsc::unbounded_channel::<Downloaded>();
+    // One crypto provider for every TLS client in the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut sup = Supervisor {
         config,
         clock,
@@ -223,6 +245,9 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
         connected: false,
         sent_up_to: 0,
         started: Instant::now(),
+        downloader: None,
+        download: None,
+        downloads_tx,
     };
     let mut link_rx = None;
     if let Some(link) = sup.config.link.clone() {
@@ -230,6 +255,11 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
         let (tx, rx) = mpsc::unbounded_channel();
         let will = sup.status_message(false, &key);
         sup.link = Some(Link::start(&link.mqtt, &sup.config.device_id, will, tx)?);
+        let tls = crate::mqtt::tls_config(&link.mqtt)?;
+        sup.downloader = Some(crate::download::Downloader::new(
+            &sup.config.state_dir.join("downloads"),
+            Some(tls),
+        )?);
         sup.mac_key = Some(key);
         link_rx = Some(rx);
     }
@@ -291,7 +321,8 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
             }
         };
         tokio::select! {
-            Some(event) = link_event => sup.on_link_event(event),
+            Some(event) = link_event => sup.on_link_event(event).await,
+            Some(done) = downloads_rx.recv() => sup.on_downloaded(done).await,
             _ = resend_tick.tick() => {
                 // Anything still unacknowledged is sent again; the controller ingests each once.
                 sup.sent_up_to = 0;
@@ -453,7 +484,7 @@ impl Supervisor {
         }
     }
 
-    fn on_link_event(&mut self, event: LinkEvent) {
+    async fn on_link_event(&mut self, event: LinkEvent) {
         match event {
             LinkEvent::Connected => {
                 tracing::info!("connected to the controller's broker");
@@ -488,8 +519,14 @@ impl Supervisor {
                             }
                         }
                     }
+                    Ok(parsed)
+                        if parsed.device == self.config.device_id
+                            && parsed.kind == TopicKind::Assignment =>
+                    {
+                        self.on_assignment(&payload).await;
+                    }
                     Ok(parsed) => {
-                        tracing::debug!(kind = ?parsed.kind, "ignoring a message this agent does not handle yet")
+                        tracing::warn!(kind = ?parsed.kind, device = %parsed.device, "ignoring a message for another device or kind")
                     }
                     Err(err) => tracing::warn!(error = %err, "message on an unexpected topic"),
                 }
@@ -894,6 +931,138 @@ impl Supervisor {
         }
     }
 
+    /// A signed assignment from the controller: verify it, persist the floors, and converge.
+    async fn on_assignment(&mut self, payload: &[u8]) {
+        let now = self.now();
+        let assignment = match self.trust.check_assignment(payload, now) {
+            Ok(assignment) => assignment,
+            // The retained assignment comes again on every reconnect: not news.
+            Err(edgefleet_protocol::TrustError::Replay { have, got }) if have == got => return,
+            Err(err) => {
+                let code = crate::store::trust_failure_code(&err);
+                self.record(
+                    EventKind::InstallFailed { reason: code },
+                    None,
+                    &format!("assignment refused: {err}"),
+                );
+                return;
+            }
+        };
+        self.trust.record_assignment(&assignment);
+        let floors_path = self.config.floors_path();
+        let floors = self.trust.floors.clone();
+        if let Err(err) =
+            tokio::task::spawn_blocking(move || trust::save_floors(&floors_path, &floors))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
+        {
+            tracing::error!(error = %err, "cannot persist the assignment floors; ignoring the assignment");
+            return;
+        }
+        let Some(model) = assignment.active.clone() else {
+            tracing::info!(seq = assignment.seq, "assignment names no model");
+            return;
+        };
+        let active = self.state().active;
+        if active
+            .as_ref()
+            .is_some_and(|slot| slot.digest == model.manifest_digest.to_hex())
+        {
+            tracing::info!(seq = assignment.seq, "already running the assigned model");
+            return;
+        }
+        let Some(downloader) = self.downloader.clone() else {
+            return;
+        };
+        // A newer assignment supersedes a download still under way.
+        if let Some((seq, digest, handle)) = self.download.take() {
+            tracing::info!(
+                superseded = seq,
+                by = assignment.seq,
+                "cancelling the superseded download"
+            );
+            handle.abort();
+            let _ = handle.await;
+            if digest != model.manifest_digest.to_hex() {
+                let _ = tokio::fs::remove_file(downloader.part_path(&digest)).await;
+            }
+        }
+        let slot = Slot {
+            digest: model.manifest_digest.to_hex(),
+            name: model.name.to_string(),
+            version: model.version.to_string(),
+            release: model.release,
+        };
+        self.record(
+            EventKind::Downloading,
+            Some(&slot),
+            &format!("assignment {} from {}", assignment.seq, model.bundle_url),
+        );
+        let tx = self.downloads_tx.clone();
+        let seq = assignment.seq;
+        let model_digest = model.manifest_digest.to_hex();
+        let handle = tokio::spawn(async move {
+            let result = downloader
+                .fetch(
+                    &model.bundle_url,
+                    model.bundle_size,
+                    &model.manifest_digest.to_hex(),
+                )
+                .await
+                .map_err(|err| err.to_string());
+            let _ = tx.send(Downloaded {
+                seq,
+                assignment,
+                result,
+            });
+        });
+        self.download = Some((seq, model_digest, handle));
+    }
+
+    async fn on_downloaded(&mut self, done: Downloaded) {
+        if self
+            .download
+            .as_ref()
+            .is_some_and(|(seq, _, _)| *seq == done.seq)
+        {
+            self.download = None;
+        } else {
+            return;
+        }
+        let Some(model) = done.assignment.active.clone() else {
+            return;
+        };
+        let path = match done.result {
+            Ok(path) => path,
+            Err(message) => {
+                let slot = Slot {
+                    digest: model.manifest_digest.to_hex(),
+                    name: model.name.to_string(),
+                    version: model.version.to_string(),
+                    release: model.release,
+                };
+                self.record(
+                    EventKind::InstallFailed {
+                        reason: FailureCode::Download,
+                    },
+                    Some(&slot),
+                    &message,
+                );
+                return;
+            }
+        };
+        let pin = Pin {
+            digest: model.manifest_digest,
+            allow_downgrade: done.assignment.rollback,
+        };
+        let result = self.install_pinned(path.clone(), Some(pin)).await;
+        let _ = tokio::fs::remove_file(&path).await;
+        if let Err(failure) = result {
+            tracing::warn!(code = ?failure.code, message = %failure.message, "assignment not carried out");
+        }
+    }
+
     fn status(&self) -> serde_json::Value {
         let events = self.journal.read().unwrap_or_default();
         let recent: Vec<serde_json::Value> = events
@@ -926,6 +1095,7 @@ impl Supervisor {
     async fn unpack(
         &mut self,
         path: &std::path::Path,
+        pin: Option<Pin>,
     ) -> Result<
         (
             edgefleet_protocol::Verified<edgefleet_protocol::Bundle>,
@@ -959,8 +1129,8 @@ impl Supervisor {
                     .iter()
                     .find(|f| f.model.as_str() == name)
                     .map(|f| f.release),
-                allow_downgrade: false,
-                expected_digest: None,
+                allow_downgrade: pin.is_some_and(|p| p.allow_downgrade),
+                expected_digest: pin.map(|p| p.digest),
             };
             let file = fs::File::open(&read_path).map_err(|err| Failure {
                 code: FailureCode::Io,
@@ -996,7 +1166,7 @@ impl Supervisor {
     /// Runs `path`'s model as the shadow (or stops the shadow), swapping in a new worker.
     async fn set_shadow(&mut self, path: Option<PathBuf>) -> Result<serde_json::Value, Failure> {
         let slot = match &path {
-            Some(path) => Some(self.unpack(path).await?.1),
+            Some(path) => Some(self.unpack(path, None).await?.1),
             None => None,
         };
         let before = self.state();
@@ -1050,8 +1220,16 @@ impl Supervisor {
     /// Standalone install: verify and unpack the bundle, commit it on trial, start it in a new
     /// worker, watch it through its grace window, then keep it or revert.
     async fn install(&mut self, path: PathBuf) -> Result<serde_json::Value, Failure> {
+        self.install_pinned(path, None).await
+    }
+
+    async fn install_pinned(
+        &mut self,
+        path: PathBuf,
+        pin: Option<Pin>,
+    ) -> Result<serde_json::Value, Failure> {
         let now = self.now();
-        let (bundle, slot) = self.unpack(&path).await?;
+        let (bundle, slot) = self.unpack(&path, pin).await?;
         let state = self.state();
         if state.active.as_ref() == Some(&slot) {
             return Ok(serde_json::json!({"result": "already_active", "model": slot}));

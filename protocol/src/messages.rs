@@ -517,7 +517,10 @@ mod tests {
 
     #[test]
     fn replayed_reports_are_refused_and_out_of_order_ones_accepted_once() {
-        let mut window = SeqWindow { below: 1, seen: Vec::new() };
+        let mut window = SeqWindow {
+            below: 1,
+            seen: Vec::new(),
+        };
         for seq in [1, 2, 5, 3] {
             assert!(window.accept(seq), "{seq}");
         }

@@ -42,6 +42,8 @@ impl Ingest {
 #[derive(Debug)]
 pub struct ControllerPeer {
     pub ingest: Arc<Mutex<Ingest>>,
+    client: AsyncClient,
+    device: DeviceId,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -66,6 +68,7 @@ impl ControllerPeer {
         options.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(mqtt))));
         let (client, mut eventloop) = AsyncClient::new(options, 1024);
         let shared = ingest.clone();
+        let (publisher, peer_device) = (client.clone(), device.clone());
         runtime.spawn(async move {
             loop {
                 match eventloop.poll().await {
@@ -119,7 +122,40 @@ impl ControllerPeer {
                 }
             }
         });
-        Self { ingest, runtime }
+        Self {
+            ingest,
+            client: publisher,
+            device: peer_device,
+            runtime,
+        }
+    }
+
+    /// Publishes a signed assignment, retained, on the device's assignment topic.
+    pub fn assign(&self, signed_assignment: Vec<u8>) {
+        let topic = Topic::new(self.device.clone(), TopicKind::Assignment).to_string();
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, true, signed_assignment)
+            .expect("queue the assignment");
+    }
+
+    /// The events ingested so far, as `(kind, model digest)`.
+    pub fn events(&self) -> Vec<(String, Option<String>)> {
+        self.with(|i| {
+            i.reports
+                .values()
+                .filter_map(|m| match &m.body {
+                    DeviceBody::Event(e) => Some((
+                        format!("{:?}", e.kind)
+                            .split([' ', '{'])
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned(),
+                        e.model.as_ref().map(|m| m.manifest_digest.to_hex()),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        })
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&Ingest) -> T) -> T {

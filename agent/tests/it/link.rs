@@ -139,3 +139,189 @@ fn reports_reach_the_controller_exactly_once_across_a_broker_outage() {
         "{high_water} reports ingested once each ({windows} telemetry windows); {duplicates} resent copies deduplicated"
     );
 }
+
+fn assignment(
+    setup: &Setup,
+    seq: u64,
+    spec_path: &std::path::Path,
+    digest: &str,
+    url: &str,
+) -> Vec<u8> {
+    use edgefleet_protocol::{AssignedModel, Assignment, Clock, SystemClock};
+    let manifest = {
+        let bytes = std::fs::read(spec_path).unwrap();
+        let (signed, _) = edgefleet_protocol::bundle::split_header(&bytes)
+            .unwrap()
+            .unwrap();
+        edgefleet_protocol::codec::decode::<edgefleet_protocol::Manifest>(
+            "m",
+            &signed.body,
+            1 << 20,
+        )
+        .unwrap()
+    };
+    let now = SystemClock.now();
+    Assignment {
+        device: DeviceId::new("test-device").unwrap(),
+        seq,
+        issued_at: now,
+        expires: now.plus_secs(3600),
+        rollback: false,
+        active: Some(AssignedModel {
+            name: manifest.name,
+            version: manifest.version,
+            release: manifest.release,
+            manifest_digest: digest.parse().unwrap(),
+            bundle_url: url.to_owned(),
+            bundle_size: std::fs::metadata(spec_path).unwrap().len(),
+        }),
+        shadow: None,
+        rollout: None,
+    }
+    .sign(&setup.fleet.controller)
+}
+
+fn active_digest(setup: &Setup) -> Option<String> {
+    setup.agent.status()["state"]["active"]["digest"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[test]
+fn signed_assignments_are_downloaded_resumed_verified_and_activated() {
+    if !mosquitto_available() {
+        return;
+    }
+    use edgefleet_tests::bundle_server::BundleServer;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let broker = Mosquitto::start(&pki, &dir.path().join("broker"), "edgefleet-controller");
+    let controller = pki.issue("edgefleet-controller", &[]);
+    let peer = ControllerPeer::start(
+        broker.addr,
+        &pki.ca,
+        &controller,
+        DeviceId::new("test-device").unwrap(),
+        DeviceMacKey(KEY),
+    );
+    let setup = linked_agent(dir.path(), &pki, &broker);
+    let server = BundleServer::start();
+    let scale = |release| {
+        BundleSpec::fixture(
+            &fixture("scale_f32.onnx"),
+            "scale",
+            release,
+            ("x", &[Some(1), Some(4)]),
+            ("y", &[Some(1), Some(4)]),
+        )
+    };
+
+    // 1. A download cut half-way resumes from the right offset, then the model activates.
+    let (path_a, digest_a) = setup.fleet.bundle(&scale(1));
+    let size_a = std::fs::metadata(&path_a).unwrap().len();
+    let url_a = server.put("a.efb", std::fs::read(&path_a).unwrap());
+    server.faults.lock().unwrap().cut_next_after = Some(size_a / 2);
+    peer.assign(assignment(&setup, 1, &path_a, &digest_a, &url_a));
+    wait_until(
+        Duration::from_secs(60),
+        "the assigned model to activate",
+        || (active_digest(&setup).as_deref() == Some(digest_a.as_str())).then_some(()),
+    );
+    let requests = server.requests();
+    assert_eq!(requests[0], "/bundles/a.efb -", "{requests:?}");
+    assert_eq!(
+        requests[1],
+        format!("/bundles/a.efb bytes={}-", size_a / 2),
+        "{requests:?}"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the events to reach the controller",
+        || {
+            let events = peer.events();
+            ["Downloading", "Installed", "Activated"]
+                .iter()
+                .all(|k| {
+                    events
+                        .iter()
+                        .any(|(kind, d)| kind == k && d.as_deref() == Some(digest_a.as_str()))
+                })
+                .then_some(())
+        },
+    );
+
+    // 2. A newer assignment arriving mid-download supersedes the old one.
+    let silero = crate::silero();
+    let (path_slow, digest_slow) = setup.fleet.bundle(&BundleSpec::silero(&silero, 1));
+    let url_slow = server.put("slow.efb", std::fs::read(&path_slow).unwrap());
+    server.faults.lock().unwrap().trickle = Some(Duration::from_millis(50));
+    peer.assign(assignment(&setup, 2, &path_slow, &digest_slow, &url_slow));
+    wait_until(
+        Duration::from_secs(30),
+        "the slow download to start",
+        || {
+            server
+                .requests()
+                .iter()
+                .any(|r| r.starts_with("/bundles/slow.efb"))
+                .then_some(())
+        },
+    );
+    server.faults.lock().unwrap().trickle = None;
+    let (path_b, digest_b) = setup.fleet.bundle(&scale(2));
+    let url_b = server.put("b.efb", std::fs::read(&path_b).unwrap());
+    peer.assign(assignment(&setup, 3, &path_b, &digest_b, &url_b));
+    wait_until(
+        Duration::from_secs(60),
+        "the superseding model to activate",
+        || (active_digest(&setup).as_deref() == Some(digest_b.as_str())).then_some(()),
+    );
+    assert!(
+        !peer
+            .events()
+            .iter()
+            .any(|(kind, d)| kind == "Activated" && d.as_deref() == Some(digest_slow.as_str())),
+        "the superseded model never activated"
+    );
+
+    // 3. A byte corrupted in transit is caught before install; the current model keeps serving.
+    let (path_c, digest_c) = setup.fleet.bundle(&scale(3));
+    let size_c = std::fs::metadata(&path_c).unwrap().len();
+    let url_c = server.put("c.efb", std::fs::read(&path_c).unwrap());
+    server.faults.lock().unwrap().corrupt = Some((String::from("/bundles/c.efb"), size_c - 10));
+    peer.assign(assignment(&setup, 4, &path_c, &digest_c, &url_c));
+    wait_until(
+        Duration::from_secs(60),
+        "the corrupted bundle to be refused",
+        || {
+            peer.with(|i| {
+            i.reports.values().any(|m| matches!(&m.body, DeviceBody::Event(e) if matches!(e.kind, edgefleet_protocol::messages::EventKind::InstallFailed { reason: edgefleet_protocol::messages::FailureCode::PayloadHash })))
+        }).then_some(())
+        },
+    );
+    assert_eq!(active_digest(&setup).as_deref(), Some(digest_b.as_str()));
+    let reply = setup
+        .agent
+        .client()
+        .infer(&[("x", Tensor::f32(vec![1, 4], vec![1.0; 4]))])
+        .unwrap();
+    assert_eq!(reply.model.digest, digest_b);
+
+    // 4. A replayed old assignment changes nothing.
+    peer.assign(assignment(&setup, 1, &path_a, &digest_a, &url_a));
+    wait_until(Duration::from_secs(30), "the replay to be reported", || {
+        peer.with(|i| {
+            i.reports.values().any(
+                |m| matches!(&m.body, DeviceBody::Event(e) if e.detail.contains("not newer than")),
+            )
+        })
+        .then_some(())
+    });
+    assert_eq!(active_digest(&setup).as_deref(), Some(digest_b.as_str()));
+    let leftovers: Vec<_> = std::fs::read_dir(setup.agent.state_dir.join("downloads"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "downloads left behind: {leftovers:?}");
+}
