@@ -112,6 +112,36 @@ fn main() {
         let rss = tree_rss(server.child.id());
         fastapi.push((result, rss));
     }
+    let bench_label = "edgefleet-agent (bench profile)";
+    let mut memory = vec![
+        RssRow {
+            binary: bench_label.to_owned(),
+            state: "no model",
+            rss: rss_empty,
+        },
+        RssRow {
+            binary: bench_label.to_owned(),
+            state: "Silero VAD loaded, before traffic",
+            rss: rss_loaded,
+        },
+        RssRow {
+            binary: bench_label.to_owned(),
+            state: "Silero VAD loaded, after the load runs",
+            rss: rss_after_load,
+        },
+    ];
+    drop(agent);
+    // Optionally the same for another build of the agent, e.g. a copy of the release binary.
+    if let Some(other) = std::env::var_os("EDGEFLEET_BENCH_OTHER_AGENT") {
+        let other = PathBuf::from(other);
+        let label = format!("{} (EDGEFLEET_BENCH_OTHER_AGENT)", other.display());
+        memory.extend(idle_rss_of(
+            &other,
+            &label,
+            &dir.path().join("other"),
+            &model,
+        ));
+    }
 
     // Both runtimes must compute the same thing before their speed is compared.
     for (result, _) in &fastapi {
@@ -130,13 +160,8 @@ fn main() {
         &agent_json,
         &agent_cbor,
         &fastapi,
-        [
-            ("no model", &rss_empty),
-            ("Silero VAD loaded, before traffic", &rss_loaded),
-            ("Silero VAD loaded, after the load runs", &rss_after_load),
-        ],
+        &memory,
     );
-    drop(agent);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -427,12 +452,10 @@ fn latency(mut samples: Vec<Duration>) -> Latency {
 // ---------------------------------------------------------------------------------------------
 // Memory
 
-/// `VmRSS` of one process in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+/// A `kB` field of `/proc/<pid>/status` or `/proc/<pid>/smaps_rollup`.
+fn proc_kib(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -456,15 +479,51 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// (command name, pid, VmRSS KiB) of `pid` and all its descendants.
+/// Memory of one process, in KiB.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mem {
+    rss: u64,
+    anon: u64,
+    file: u64,
+    /// Proportional set size: shared pages (the same executable mapped by the supervisor and
+    /// the worker) divided among the processes that map them.
+    pss: u64,
+}
+
+impl std::ops::Add for Mem {
+    type Output = Mem;
+    fn add(self, o: Mem) -> Mem {
+        Mem {
+            rss: self.rss + o.rss,
+            anon: self.anon + o.anon,
+            file: self.file + o.file,
+            pss: self.pss + o.pss,
+        }
+    }
+}
+
+fn mem(pid: u32) -> Option<Mem> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    Some(Mem {
+        rss: proc_kib(&status, "VmRSS")?,
+        anon: proc_kib(&status, "RssAnon").unwrap_or(0),
+        file: proc_kib(&status, "RssFile").unwrap_or(0),
+        pss: proc_kib(&rollup, "Pss").unwrap_or(0),
+    })
+}
+
+/// (command name, pid, memory) of `pid` and all its descendants.
 #[derive(Debug)]
 struct TreeRss {
-    processes: Vec<(String, u32, u64)>,
+    processes: Vec<(String, u32, Mem)>,
 }
 
 impl TreeRss {
-    fn total_kib(&self) -> u64 {
-        self.processes.iter().map(|(_, _, kib)| kib).sum()
+    fn total(&self) -> Mem {
+        self.processes
+            .iter()
+            .fold(Mem::default(), |sum, (_, _, m)| sum + *m)
     }
 }
 
@@ -472,11 +531,11 @@ fn tree_rss(root: u32) -> TreeRss {
     let mut processes = Vec::new();
     let mut stack = vec![root];
     while let Some(pid) = stack.pop() {
-        let Some(kib) = rss_kib(pid) else { continue };
+        let Some(m) = mem(pid) else { continue };
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|s| s.trim().to_owned())
             .unwrap_or_default();
-        processes.push((name, pid, kib));
+        processes.push((name, pid, m));
         stack.extend(children(pid));
     }
     TreeRss { processes }
@@ -493,6 +552,41 @@ fn settled_rss(agent: u32) -> TreeRss {
     let rss = tree_rss(agent);
     assert_eq!(rss.processes.len(), 2, "{rss:?}");
     rss
+}
+
+/// One line of the memory table.
+struct RssRow {
+    binary: String,
+    state: &'static str,
+    rss: TreeRss,
+}
+
+/// Idle memory of another agent binary (no model, then Silero VAD installed), in its own state
+/// directory; the agent is stopped afterwards.
+fn idle_rss_of(bin: &Path, label: &str, dir: &Path, model: &Path) -> Vec<RssRow> {
+    let fleet = TestFleet::new(&dir.join("fleet"));
+    let mut agent = AgentProcess::start(bin, &fleet, &dir.join("state"), &[]);
+    agent.wait_ready();
+    let pid = agent.pid().expect("agent pid");
+    let empty = settled_rss(pid);
+    let (bundle, _) = fleet.bundle(&BundleSpec::silero(model, 1));
+    let answer = agent
+        .install(&bundle)
+        .unwrap_or_else(|err| panic!("install failed: {err}\nlog:\n{}", agent.log_text()));
+    assert_eq!(answer["result"], "activated", "{answer}");
+    let loaded = settled_rss(pid);
+    vec![
+        RssRow {
+            binary: label.to_owned(),
+            state: "no model",
+            rss: empty,
+        },
+        RssRow {
+            binary: label.to_owned(),
+            state: "Silero VAD loaded, before traffic",
+            rss: loaded,
+        },
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -612,7 +706,7 @@ fn print_report(
     agent_json: &ServerResult,
     agent_cbor: &ServerResult,
     fastapi: &[(ServerResult, TreeRss)],
-    agent_rss: [(&str, &TreeRss); 3],
+    memory: &[RssRow],
 ) {
     println!();
     println!("## Local API vs FastAPI + onnxruntime (Silero VAD 16 kHz)");
@@ -664,33 +758,51 @@ fn print_report(
         fastapi.first().map_or(f64::NAN, |(r, _)| r.probability)
     );
     println!();
-    println!("## Idle RSS (sum of VmRSS over the process tree)");
+    println!("## Idle memory (sum over the process tree, MiB)");
     println!();
-    println!("| Process tree | State | Total (MiB) | Per process (MiB) |");
-    println!("|---|---|---:|---|");
-    for (state, rss) in agent_rss {
+    println!(
+        "| Binary | State | VmRSS | RssAnon | RssFile | PSS | Per process VmRSS (RssAnon + RssFile) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---|");
+    let rows = memory
+        .iter()
+        .map(|row| (row.binary.as_str(), row.state, &row.rss))
+        .chain(fastapi.iter().map(|(r, rss)| {
+            (
+                r.label.as_str(),
+                "Silero VAD loaded, after the load runs",
+                rss,
+            )
+        }));
+    for (binary, state, rss) in rows {
         let parts: Vec<String> = rss
             .processes
             .iter()
-            .map(|(name, _, kib)| format!("{name} {:.1}", mib(*kib)))
+            .map(|(name, _, m)| {
+                format!(
+                    "{name} {:.1} ({:.1} + {:.1})",
+                    mib(m.rss),
+                    mib(m.anon),
+                    mib(m.file)
+                )
+            })
             .collect();
+        let total = rss.total();
         println!(
-            "| edgefleet-agent (bench profile) | {state} | {:.1} | {} |",
-            mib(rss.total_kib()),
+            "| {binary} | {state} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            mib(total.rss),
+            mib(total.anon),
+            mib(total.file),
+            mib(total.pss),
             parts.join(" + ")
         );
     }
-    for (r, rss) in fastapi {
+    println!();
+    if let Some(row) = memory.first() {
         println!(
-            "| {} | Silero VAD loaded, after the load runs | {:.1} | {} process(es) |",
-            r.label,
-            mib(rss.total_kib()),
-            rss.processes.len()
+            "Goal: agent with no model ≤ 12 MiB VmRSS — measured {:.1} MiB ({}).",
+            mib(row.rss.total().rss),
+            row.binary
         );
     }
-    println!();
-    println!(
-        "Goal: agent with no model ≤ 12 MiB — measured {:.1} MiB.",
-        mib(agent_rss[0].1.total_kib())
-    );
 }

@@ -83,6 +83,17 @@ pub struct ConfigArgs {
     /// Seconds between MQTT keep-alive pings; a dead link is noticed within about twice this.
     #[arg(long, env = "EDGEFLEET_MQTT_KEEP_ALIVE_S", global = true)]
     pub mqtt_keep_alive_s: Option<String>,
+    /// The controller to enroll with on first start, `https://host:port`.
+    #[arg(long, env = "EDGEFLEET_ENROLL_URL", global = true)]
+    pub enroll_url: Option<String>,
+    /// The one-time enrollment token.
+    #[arg(
+        long,
+        env = "EDGEFLEET_ENROLL_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub enroll_token: Option<String>,
 }
 
 /// The controller link, when `mqtt.url` is set.
@@ -90,6 +101,8 @@ pub struct ConfigArgs {
 pub struct LinkConfig {
     pub mqtt: crate::mqtt::MqttConfig,
     pub mac_key: PathBuf,
+    /// Where to enroll when the identity files do not exist yet: (url, token).
+    pub enroll: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +174,8 @@ const KEYS: &[(&str, &str)] = &[
     ("mqtt.key", "mqtt-key"),
     ("mqtt.mac_key", "mqtt-mac-key"),
     ("mqtt.keep_alive_s", "mqtt-keep-alive-s"),
+    ("enroll.url", "enroll-url"),
+    ("enroll.token", "enroll-token"),
 ];
 
 struct Resolver {
@@ -349,6 +364,23 @@ impl AgentConfig {
                 let mac_key = r.get::<PathBuf>("mqtt.mac_key", &args.mqtt_mac_key, None);
                 let keep_alive_s =
                     r.get::<u64>("mqtt.keep_alive_s", &args.mqtt_keep_alive_s, Some("30"));
+                let enroll_url = r.get::<String>("enroll.url", &args.enroll_url, Some(""));
+                let enroll_token = r.get::<String>("enroll.token", &args.enroll_token, Some(""));
+                let enroll = match (enroll_url.as_deref(), enroll_token.as_deref()) {
+                    (Some(""), _) | (None, _) => None,
+                    (Some(url), Some(token))
+                        if !token.is_empty()
+                            && (url.starts_with("https://") || url.starts_with("http://")) =>
+                    {
+                        Some((url.to_owned(), token.to_owned()))
+                    }
+                    (Some(url), _) => {
+                        r.errors.push(format!(
+                            "`enroll.url` = {url:?} needs an http(s) URL and `enroll.token`"
+                        ));
+                        None
+                    }
+                };
                 let host_port = url
                     .strip_prefix("mqtts://")
                     .and_then(|rest| rest.rsplit_once(':'))
@@ -388,6 +420,7 @@ impl AgentConfig {
                             keep_alive_s,
                         },
                         mac_key,
+                        enroll,
                     }),
                     _ => None,
                 }

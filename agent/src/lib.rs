@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod control;
 pub mod download;
+pub mod enroll;
 pub mod events;
 pub mod failpoint;
 pub mod mqtt;

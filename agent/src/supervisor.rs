@@ -251,6 +251,7 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
     };
     let mut link_rx = None;
     if let Some(link) = sup.config.link.clone() {
+        crate::enroll::ensure_identity(&sup.config, &link).await?;
         let key = read_mac_key(&link.mac_key)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let will = sup.status_message(false, &key);

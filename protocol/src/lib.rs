@@ -6,6 +6,7 @@ pub mod assignment;
 pub mod bundle;
 pub mod codec;
 pub mod crypto;
+pub mod enroll;
 pub mod ids;
 pub mod manifest;
 pub mod messages;

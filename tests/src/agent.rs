@@ -223,6 +223,14 @@ impl AgentProcess {
         }
     }
 
+    /// Waits for the agent to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        wait_until(timeout, "the agent to exit", || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("agent running");

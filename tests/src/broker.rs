@@ -45,6 +45,26 @@ impl TestPki {
         }
     }
 
+    /// Signs a device's CSR, which must name `cn`; returns the certificate PEM.
+    pub fn sign_csr(&self, csr_pem: &str, cn: &str) -> Result<String, String> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| format!("unreadable CSR: {e}"))?;
+        let named = csr
+            .params
+            .distinguished_name
+            .get(&DnType::CommonName)
+            .and_then(|v| match v {
+                rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+                _ => None,
+            });
+        if named.as_deref() != Some(cn) {
+            return Err(format!("CSR names {named:?}, not {cn}"));
+        }
+        csr.signed_by(&self.issuer)
+            .map(|c| c.pem())
+            .map_err(|e| e.to_string())
+    }
+
     /// Issues a certificate with common name `cn` (and `sans` as subject alternative names).
     pub fn issue(&self, cn: &str, sans: &[&str]) -> CertFiles {
         let key = KeyPair::generate().expect("key");

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod broker;
 pub mod bundle_server;
+pub mod enroll_server;
 pub mod fleet;
 pub mod models;
 pub mod peer;

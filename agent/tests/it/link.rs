@@ -325,3 +325,112 @@ fn signed_assignments_are_downloaded_resumed_verified_and_activated() {
         .collect();
     assert!(leftovers.is_empty(), "downloads left behind: {leftovers:?}");
 }
+
+#[test]
+fn a_device_enrolls_with_a_one_time_token_then_connects_with_its_new_identity() {
+    if !mosquitto_available() {
+        return;
+    }
+    use edgefleet_tests::enroll_server::EnrollServer;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = std::sync::Arc::new(TestPki::new(&dir.path().join("pki")));
+    let broker = Mosquitto::start(&pki, &dir.path().join("broker"), "edgefleet-controller");
+    let controller = pki.issue("edgefleet-controller", &[]);
+    let peer = ControllerPeer::start(
+        broker.addr,
+        &pki.ca,
+        &controller,
+        DeviceId::new("test-device").unwrap(),
+        DeviceMacKey(KEY),
+    );
+    let url = format!("mqtts://127.0.0.1:{}", broker.addr.port());
+    let enroll = EnrollServer::start(pki.clone(), hex::encode(KEY), url.clone());
+    enroll
+        .tokens
+        .lock()
+        .unwrap()
+        .insert(String::from("one-time-token"));
+    let fleet = TestFleet::new(&dir.path().join("fleet"));
+    let identity = dir.path().join("identity");
+    std::fs::create_dir_all(&identity).unwrap();
+    let path = |name: &str| identity.join(name).to_str().unwrap().to_owned();
+    let enroll_url = format!("http://{}", enroll.addr);
+    let env = |token: &'static str| {
+        vec![
+            ("EDGEFLEET_MQTT_URL", url.clone()),
+            ("EDGEFLEET_MQTT_CA", pki.ca.to_str().unwrap().to_owned()),
+            ("EDGEFLEET_MQTT_CERT", path("device.pem")),
+            ("EDGEFLEET_MQTT_KEY", path("device-key.pem")),
+            ("EDGEFLEET_MQTT_MAC_KEY", path("mac.key")),
+            ("EDGEFLEET_MQTT_KEEP_ALIVE_S", String::from("5")),
+            ("EDGEFLEET_ENROLL_URL", enroll_url.clone()),
+            ("EDGEFLEET_ENROLL_TOKEN", String::from(token)),
+        ]
+    };
+    let owned = env("one-time-token");
+    let borrowed: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut agent = AgentProcess::start(&agent_bin(), &fleet, &dir.path().join("state"), &borrowed);
+    agent.wait_ready();
+    assert!(
+        agent.log_text().contains("enrolled"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        enroll.tokens.lock().unwrap().is_empty(),
+        "the token was used up"
+    );
+    for (file, mode) in [
+        ("device-key.pem", 0o600),
+        ("mac.key", 0o600),
+        ("device.pem", 0o644),
+    ] {
+        assert_eq!(
+            std::fs::metadata(identity.join(file))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            mode,
+            "{file}"
+        );
+    }
+    // The new identity is accepted by the broker (mTLS, certificate name = device id) and the
+    // controller hears the device's sealed, retained status.
+    let status = wait_until(
+        Duration::from_secs(30),
+        "the enrolled device's status",
+        || peer.with(|i| i.status.clone()),
+    );
+    assert_eq!(status.device.as_str(), "test-device");
+    // A restart uses the stored identity; the token is not needed (and was used up).
+    agent.set_env("EDGEFLEET_ENROLL_TOKEN", Some("spent"));
+    agent.restart();
+    agent.wait_ready();
+
+    // Another device presenting the spent token is refused with the controller's reason.
+    let other_identity = dir.path().join("other");
+    std::fs::create_dir_all(&other_identity).unwrap();
+    let mut refused_env = env("one-time-token");
+    for (key, value) in &mut refused_env {
+        if key.starts_with("EDGEFLEET_MQTT_") && value.starts_with(identity.to_str().unwrap()) {
+            *value = value.replace(identity.to_str().unwrap(), other_identity.to_str().unwrap());
+        }
+    }
+    let borrowed: Vec<(&str, &str)> = refused_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut refused =
+        AgentProcess::start(&agent_bin(), &fleet, &dir.path().join("state-2"), &borrowed);
+    let status = refused.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = refused.log_text();
+    assert!(
+        log.contains("enrollment refused")
+            && log.contains("the enrollment token is unknown or was used already"),
+        "{log}"
+    );
+    assert!(
+        !other_identity.join("device-key.pem").exists(),
+        "nothing is stored for a refused enrollment"
+    );
+}
