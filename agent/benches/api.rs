@@ -18,8 +18,12 @@
 //! is also measured with `edgefleet_client` (CBOR bodies, its default) as an extra row.
 //! Sequential latency: `WARMUP` requests, then `REQUESTS` timed ones. Throughput: `CONNECTIONS`
 //! threads, one connection each, sending back to back for `DURATION` (at most
-//! `MAX_PER_CONNECTION` requests each). Idle RSS is the sum of `VmRSS` over the agent's process
-//! tree (supervisor and model worker), read from `/proc`.
+//! `MAX_PER_CONNECTION` requests each). The agent's answers also carry its own timing of the
+//! model run (`latency_us`), reported as a separate column. Idle memory is the sum of `VmRSS`
+//! (and its `RssAnon`/`RssFile` split, and PSS) over the agent's process tree (supervisor and
+//! model worker), read from `/proc` after 2 s without traffic. With `EDGEFLEET_BENCH_OTHER_AGENT`
+//! set to another agent binary (e.g. a copy of the release build, which `cargo bench` would
+//! overwrite), its idle memory is measured too.
 //!
 //! Run: `cargo bench -p edgefleet-agent --bench api`
 
@@ -193,16 +197,23 @@ fn json_request_body() -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Clients
 
-/// One keep-alive connection that sends the inference request and returns the speech
-/// probability from the decoded response.
+/// One keep-alive connection that sends the inference request and decodes the response.
 trait Requester {
-    fn call(&mut self) -> f64;
+    fn call(&mut self) -> Answer;
 }
 
-/// The response fields both servers share; the agent's extra fields are skipped.
+/// What a response says: the speech probability and, from the agent, how long the model ran.
+struct Answer {
+    probability: f64,
+    server_us: Option<u64>,
+}
+
+/// The response fields both servers share, plus the agent's `latency_us` (the model run as the
+/// agent timed it); other fields are skipped.
 #[derive(Deserialize)]
 struct Reply {
     outputs: BTreeMap<String, ReplyTensor>,
+    latency_us: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -211,11 +222,14 @@ struct ReplyTensor {
     data: Vec<f64>,
 }
 
-fn probability(reply: &Reply) -> f64 {
+fn answer(reply: &Reply) -> Answer {
     let state = &reply.outputs["stateN"];
     assert_eq!(state.shape, [2, 1, 128], "stateN shape");
     assert_eq!(state.data.len(), 256, "stateN values");
-    reply.outputs["output"].data[0]
+    Answer {
+        probability: reply.outputs["output"].data[0],
+        server_us: reply.latency_us,
+    }
 }
 
 /// A minimal HTTP/1.1 client: one request written in one `write`, a `Content-Length` response.
@@ -309,14 +323,14 @@ impl JsonClient {
 }
 
 impl Requester for JsonClient {
-    fn call(&mut self) -> f64 {
+    fn call(&mut self) -> Answer {
         let (status, body) = self
             .http
             .request("POST", "/v1/infer", Some(("application/json", &self.body)))
             .expect("inference request");
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let reply: Reply = serde_json::from_slice(&body).expect("JSON inference response");
-        probability(&reply)
+        answer(&reply)
     }
 }
 
@@ -336,10 +350,13 @@ impl CborClient {
 }
 
 impl Requester for CborClient {
-    fn call(&mut self) -> f64 {
+    fn call(&mut self) -> Answer {
         let reply = self.client.infer(&self.inputs).expect("inference request");
         assert_eq!(reply.outputs["stateN"].data.len(), 256, "stateN values");
-        reply.outputs["output"].data[0]
+        Answer {
+            probability: reply.outputs["output"].data[0],
+            server_us: Some(reply.latency_us),
+        }
     }
 }
 
@@ -353,6 +370,8 @@ struct Latency {
     p50_us: f64,
     p90_us: f64,
     p99_us: f64,
+    /// Median model run time the server reported (the agent only).
+    server_p50_us: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -379,18 +398,23 @@ impl ServerResult {
         let mut client = connect();
         let mut probability = 0.0;
         for _ in 0..WARMUP {
-            probability = client.call();
+            probability = client.call().probability;
         }
         let mut samples = Vec::with_capacity(REQUESTS);
+        let mut server = Vec::with_capacity(REQUESTS);
         let started = Instant::now();
         while samples.len() < REQUESTS && started.elapsed() < LATENCY_TIME_LIMIT {
             let t = Instant::now();
-            let p = client.call();
+            let answer = client.call();
             samples.push(t.elapsed());
+            let p = answer.probability;
             assert!((p - probability).abs() < 1e-6, "answers differ: {p}");
+            server.extend(answer.server_us);
         }
         drop(client);
-        let latency = latency(samples);
+        let mut latency = latency(samples);
+        server.sort_unstable();
+        latency.server_p50_us = server.get(server.len() / 2).copied();
 
         let barrier = Barrier::new(CONNECTIONS);
         let (requests, elapsed) = std::thread::scope(|scope| {
@@ -446,6 +470,7 @@ fn latency(mut samples: Vec<Duration>) -> Latency {
         p50_us: at(0.50),
         p90_us: at(0.90),
         p99_us: at(0.99),
+        server_p50_us: None,
     }
 }
 
@@ -719,21 +744,24 @@ fn print_report(
     println!("Baseline: {python_versions}.");
     println!();
     println!(
-        "| Server | Body | p50 (µs) | p90 (µs) | p99 (µs) | mean (µs) | Throughput, {CONNECTIONS} conns (req/s) |"
+        "| Server | Body | p50 (µs) | p90 (µs) | p99 (µs) | mean (µs) | Model run, server-reported p50 (µs) | Throughput, {CONNECTIONS} conns (req/s) |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     let rows = [agent_json, agent_cbor]
         .into_iter()
         .chain(fastapi.iter().map(|(r, _)| r));
     for r in rows {
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} |",
             r.label,
             r.encoding,
             r.latency.p50_us,
             r.latency.p90_us,
             r.latency.p99_us,
             r.latency.mean_us,
+            r.latency
+                .server_p50_us
+                .map_or_else(|| String::from("—"), |us| us.to_string()),
             r.throughput()
         );
     }
