@@ -475,21 +475,9 @@ pub fn shadow_loop(
     }
 }
 
-fn as_f64(data: &TensorData) -> Vec<f64> {
-    match data {
-        TensorData::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::F64(v) => v.clone(),
-        TensorData::I32(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::U8(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::I8(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::Bool(v) => v.iter().map(|x| if *x { 1.0 } else { 0.0 }).collect(),
-    }
-}
-
 /// Index of the largest element; for a single score, which side of 0.5 it falls on.
 fn argmax(data: &TensorData) -> Option<usize> {
-    let values = as_f64(data);
+    let values = data.to_f64_vec();
     if values.len() == 1 {
         return Some(usize::from(values[0] > 0.5));
     }
@@ -502,6 +490,6 @@ fn argmax(data: &TensorData) -> Option<usize> {
 
 /// Sum of absolute differences, element by element (same length required).
 fn mean_abs_diff(a: &TensorData, b: &TensorData) -> Option<f64> {
-    let (a, b) = (as_f64(a), as_f64(b));
+    let (a, b) = (a.to_f64_vec(), b.to_f64_vec());
     (a.len() == b.len()).then(|| a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum())
 }

@@ -853,29 +853,43 @@ impl Supervisor {
                     let Some(failed) = state.active.clone() else {
                         anyhow::bail!("cannot start the model worker: {}", failure.message);
                     };
-                    let next = StoreState {
-                        active: state.previous.clone(),
-                        previous: None,
-                        shadow: state.shadow.clone(),
-                        trial: None,
-                    };
-                    self.commit(next).await?;
-                    self.record(
-                        EventKind::RolledBack {
-                            reason: failure.code,
-                            to: state.previous.as_ref().and_then(Slot::model_ref),
-                        },
-                        Some(&failed),
-                        &failure.message,
-                    );
-                    let _ = self
-                        .store
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove_unreferenced(&failed);
+                    self.fall_back(&state, &failed, failure.code, &failure.message)
+                        .await?;
                 }
             }
         }
+    }
+
+    /// Puts the previous model back after `failed` (the active model of `state`) failed:
+    /// commits, journals the rollback with its reason, removes the failed model's files.
+    async fn fall_back(
+        &mut self,
+        state: &StoreState,
+        failed: &Slot,
+        code: FailureCode,
+        detail: &str,
+    ) -> Result<()> {
+        let next = StoreState {
+            active: state.previous.clone(),
+            previous: None,
+            shadow: state.shadow.clone(),
+            trial: None,
+        };
+        self.commit(next).await?;
+        self.record(
+            EventKind::RolledBack {
+                reason: code,
+                to: state.previous.as_ref().and_then(Slot::model_ref),
+            },
+            Some(failed),
+            detail,
+        );
+        let _ = self
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove_unreferenced(failed);
+        Ok(())
     }
 
     async fn on_worker_msg(&mut self, generation: u64, msg: WorkerMsg) -> Result<()> {
@@ -900,24 +914,12 @@ impl Supervisor {
                 && let Some(failed) = state.active.clone()
             {
                 self.crashes.clear();
-                let next = StoreState {
-                    active: state.previous.clone(),
-                    previous: None,
-                    shadow: state.shadow.clone(),
-                    trial: None,
-                };
-                self.commit(next).await?;
-                self.record(
-                    EventKind::RolledBack {
-                        reason: FailureCode::Crash,
-                        to: state.previous.as_ref().and_then(Slot::model_ref),
-                    },
-                    Some(&failed),
-                    &format!(
-                        "the model worker crashed {MAX_CRASHES} times within {} s (last: {status})",
-                        CRASH_WINDOW.as_secs()
-                    ),
+                let detail = &format!(
+                    "the model worker crashed {MAX_CRASHES} times within {} s (last: {status})",
+                    CRASH_WINDOW.as_secs()
                 );
+                self.fall_back(&state, &failed, FailureCode::Crash, detail)
+                    .await?;
             }
             self.start_current().await?;
         }

@@ -4,7 +4,7 @@
 //! [0, 1] for a single score.
 
 use edgefleet_protocol::TensorName;
-use edgefleet_protocol::manifest::{Manifest, NamedTensor, TensorData};
+use edgefleet_protocol::manifest::{Manifest, NamedTensor};
 use edgefleet_protocol::messages::NamedSketch;
 use edgefleet_protocol::sketch::{FeatureSketch, ReferenceFeature};
 
@@ -24,18 +24,6 @@ pub struct WindowAcc {
     features: Vec<Feature>,
     score_bins: ReferenceFeature,
     pub data: WindowData,
-}
-
-fn as_f64(data: &TensorData) -> Vec<f64> {
-    match data {
-        TensorData::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::F64(v) => v.clone(),
-        TensorData::I32(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::U8(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::I8(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::Bool(v) => v.iter().map(|x| f64::from(u8::from(*x))).collect(),
-    }
 }
 
 impl WindowAcc {
@@ -102,7 +90,7 @@ impl WindowAcc {
                 continue;
             };
             let width = tensor.shape.last().copied().unwrap_or(1).max(1) as usize;
-            for row in as_f64(&tensor.data).chunks(width) {
+            for row in tensor.data.to_f64_vec().chunks(width) {
                 if let Some(value) = row.get(feature.index) {
                     values.push((i, *value));
                 }
@@ -131,7 +119,7 @@ impl WindowAcc {
     pub fn observe_outputs(&mut self, outputs: &[NamedTensor]) {
         for output in outputs {
             let width = output.shape.last().copied().unwrap_or(1).max(1) as usize;
-            let values = as_f64(&output.data);
+            let values = output.data.to_f64_vec();
             let position = self.data.outputs.iter().position(|s| s.name == output.name);
             let slot = match position {
                 Some(i) => &mut self.data.outputs[i],
@@ -170,7 +158,7 @@ impl WindowAcc {
 
 #[cfg(test)]
 mod tests {
-    use edgefleet_protocol::manifest::{FeatureSpec, ReferenceStats};
+    use edgefleet_protocol::manifest::{FeatureSpec, ReferenceStats, TensorData};
 
     use super::*;
 

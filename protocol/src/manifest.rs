@@ -185,6 +185,19 @@ impl TensorData {
         self.len() == 0
     }
 
+    /// The values as `f64` (booleans as 0 and 1), for statistics.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match self {
+            TensorData::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::F64(v) => v.clone(),
+            TensorData::I32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
+            TensorData::U8(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::I8(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::Bool(v) => v.iter().map(|x| f64::from(u8::from(*x))).collect(),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             TensorData::F32(_) => DType::F32,
