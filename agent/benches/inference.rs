@@ -5,10 +5,11 @@
 //! `into_runnable()`, then `plan.run(tvec![..])` on tensors built from the frame and the state.
 //! `agent_runtime` is the agent's own path: `LoadedModel::load(path, &manifest)` with the Silero
 //! manifest schema, then `LoadedModel::run` on `NamedTensor`s, which also checks the inputs against
-//! the schema (names, dtypes, shapes, NaN policy), builds the tract tensors from the `Vec`s without
-//! copying, and converts the outputs back to `Vec`s. Both iterations clone their inputs (the raw
-//! side its two `Tensor`s, the agent side its two `NamedTensor`s) so both pay one copy of the
-//! frame and the state.
+//! the schema (names, dtypes, shapes, NaN policy), wraps the `Vec`s in ndarray arrays (no copy)
+//! that tract's `Tensor::from` then copies into its own aligned buffers, and converts the outputs
+//! back to `Vec`s. Both iterations clone their inputs (the raw side its two `Tensor`s, the agent
+//! side its two `NamedTensor`s), so the agent side pays one more copy of the frame and the state
+//! than the raw side.
 //!
 //! Model: Silero VAD 16 kHz (`edgefleet_tests::models::SILERO_VAD_16K`, fetched once with pip).
 //! Input: one 576-sample frame of a 440 Hz sine at 16 kHz (amplitude 0.5) and a zero state.
