@@ -133,6 +133,14 @@ impl From<Result<serde_json::Value, Failure>> for AdminResponse {
     }
 }
 
+/// An I/O failure (disk, process start) while acting on a model.
+fn io_failure(err: anyhow::Error) -> Failure {
+    Failure {
+        code: FailureCode::Io,
+        message: format!("{err:#}"),
+    }
+}
+
 fn code_name(code: FailureCode) -> String {
     serde_json::to_value(code)
         .ok()
@@ -731,10 +739,7 @@ impl Supervisor {
         let mut worker = self
             .spawn_worker(active, shadow)
             .await
-            .map_err(|err| Failure {
-                code: FailureCode::Io,
-                message: format!("{err:#}"),
-            })?;
+            .map_err(io_failure)?;
         let deadline = Instant::now() + Duration::from_secs(self.config.model_load_timeout_s);
         loop {
             match self.next_msg(worker.generation, deadline).await {
@@ -1177,10 +1182,7 @@ impl Supervisor {
             shadow: slot.clone(),
             ..before.clone()
         };
-        self.commit(next).await.map_err(|err| Failure {
-            code: FailureCode::Io,
-            message: format!("{err:#}"),
-        })?;
+        self.commit(next).await.map_err(io_failure)?;
         match self.launch(before.active.as_ref(), slot.as_ref()).await {
             Ok(worker) => {
                 if let Some(old) = self.worker.replace(worker) {
@@ -1204,10 +1206,7 @@ impl Supervisor {
                 Ok(serde_json::json!({"result": "shadow_set", "shadow": slot}))
             }
             Err(failure) => {
-                self.commit(before).await.map_err(|err| Failure {
-                    code: FailureCode::Io,
-                    message: format!("{err:#}"),
-                })?;
+                self.commit(before).await.map_err(io_failure)?;
                 if let Some(slot) = &slot {
                     let _ = self
                         .store
@@ -1248,10 +1247,7 @@ impl Supervisor {
                 code: FailureCode::Io,
                 message: err.to_string(),
             })?
-            .map_err(|err| Failure {
-                code: FailureCode::Io,
-                message: format!("{err:#}"),
-            })?;
+            .map_err(io_failure)?;
         let previous = state.active.clone();
         let trial = StoreState {
             active: Some(slot.clone()),
@@ -1259,10 +1255,7 @@ impl Supervisor {
             shadow: state.shadow.clone(),
             trial: Some(Trial { started_at: now }),
         };
-        self.commit(trial).await.map_err(|err| Failure {
-            code: FailureCode::Io,
-            message: format!("{err:#}"),
-        })?;
+        self.commit(trial).await.map_err(io_failure)?;
         self.record(
             EventKind::Installed,
             Some(&slot),
@@ -1277,10 +1270,7 @@ impl Supervisor {
                     shadow: state.shadow.clone(),
                     trial: None,
                 };
-                self.commit(done).await.map_err(|err| Failure {
-                    code: FailureCode::Io,
-                    message: format!("{err:#}"),
-                })?;
+                self.commit(done).await.map_err(io_failure)?;
                 self.record(
                     EventKind::Activated,
                     Some(&slot),
@@ -1289,34 +1279,17 @@ impl Supervisor {
                 Ok(serde_json::json!({"result": "activated", "model": slot, "previous": previous}))
             }
             Err(failure) => {
-                let reverted = StoreState {
-                    active: previous.clone(),
-                    previous: None,
+                let on_trial = StoreState {
+                    active: Some(slot.clone()),
+                    previous: previous.clone(),
                     shadow: state.shadow.clone(),
                     trial: None,
                 };
-                self.commit(reverted).await.map_err(|err| Failure {
-                    code: FailureCode::Io,
-                    message: format!("{err:#}"),
-                })?;
-                self.record(
-                    EventKind::RolledBack {
-                        reason: failure.code,
-                        to: previous.as_ref().and_then(Slot::model_ref),
-                    },
-                    Some(&slot),
-                    &failure.message,
-                );
-                let _ = self
-                    .store
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove_unreferenced(&slot);
+                self.fall_back(&on_trial, &slot, failure.code, &failure.message)
+                    .await
+                    .map_err(io_failure)?;
                 if self.worker.is_none() {
-                    self.start_current().await.map_err(|err| Failure {
-                        code: FailureCode::Io,
-                        message: format!("{err:#}"),
-                    })?;
+                    self.start_current().await.map_err(io_failure)?;
                 }
                 let to = previous.as_ref().map_or_else(
                     || String::from("no model"),
