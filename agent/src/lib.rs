@@ -9,7 +9,7 @@ pub mod enroll;
 pub mod events;
 pub mod failpoint;
 pub mod mqtt;
-pub mod runtime;
+pub use edgefleet_runtime as runtime;
 pub mod spool;
 pub mod store;
 pub mod supervisor;

@@ -1,4 +1,5 @@
-//! EdgeFleet controller library: the `edgefleet` admin CLI and, around it, the fleet controller.
+//! EdgeFleet controller library: the `edgefleet` admin CLI and the fleet controller.
 
 pub mod cli;
 pub mod fsutil;
+pub mod release;

@@ -1,6 +1,7 @@
-//! Model execution on tract-onnx. The only module that imports tract: load a verified model
-//! against its manifest schema, check inputs (names, dtypes, shapes, NaN policy), run it, and run
-//! the golden self-test vectors. A panic inside tract becomes an error, never a crash.
+//! Model execution on tract-onnx, shared by the agent and the controller's model registry so both
+//! run one tract version. The only crate that imports tract: load a verified model against its
+//! manifest schema, check inputs (names, dtypes, shapes, NaN policy), run it, and run the golden
+//! self-test vectors. A panic inside tract becomes an error, never a crash.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
