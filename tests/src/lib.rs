@@ -8,6 +8,7 @@ pub mod enroll_server;
 pub mod fleet;
 pub mod models;
 pub mod peer;
+pub mod postgres;
 
 /// A rustls client config (ring provider) trusting `ca` and presenting `identity`.
 pub fn mqtt_tls(ca: &Path, identity: &broker::CertFiles) -> rustls::ClientConfig {
