@@ -83,6 +83,9 @@ pub struct ConfigArgs {
     /// Seconds between MQTT keep-alive pings; a dead link is noticed within about twice this.
     #[arg(long, env = "EDGEFLEET_MQTT_KEEP_ALIVE_S", global = true)]
     pub mqtt_keep_alive_s: Option<String>,
+    /// Bandwidth cap for bundle downloads, in bytes per second (0: no cap).
+    #[arg(long, env = "EDGEFLEET_DOWNLOAD_MAX_BYTES_PER_S", global = true)]
+    pub download_max_bytes_per_s: Option<String>,
     /// The controller to enroll with on first start, `https://host:port`.
     #[arg(long, env = "EDGEFLEET_ENROLL_URL", global = true)]
     pub enroll_url: Option<String>,
@@ -141,6 +144,8 @@ pub struct AgentConfig {
     pub telemetry_window_s: u64,
     pub spool_max_bytes: u64,
     pub spool_max_age_s: u64,
+    /// Bandwidth cap for bundle downloads in bytes per second; 0 means no cap.
+    pub download_max_bytes_per_s: u64,
     pub link: Option<LinkConfig>,
 }
 
@@ -174,6 +179,7 @@ const KEYS: &[(&str, &str)] = &[
     ("mqtt.key", "mqtt-key"),
     ("mqtt.mac_key", "mqtt-mac-key"),
     ("mqtt.keep_alive_s", "mqtt-keep-alive-s"),
+    ("download.max_bytes_per_s", "download-max-bytes-per-s"),
     ("enroll.url", "enroll-url"),
     ("enroll.token", "enroll-token"),
 ];
@@ -354,6 +360,11 @@ impl AgentConfig {
             r.get::<u64>("spool.max_bytes", &args.spool_max_bytes, Some("16777216"));
         let spool_max_age_s =
             r.get::<u64>("spool.max_age_s", &args.spool_max_age_s, Some("604800"));
+        let download_max_bytes_per_s = r.get::<u64>(
+            "download.max_bytes_per_s",
+            &args.download_max_bytes_per_s,
+            Some("0"),
+        );
         let mqtt_url = r.get::<String>("mqtt.url", &args.mqtt_url, Some(""));
         let link = match mqtt_url.as_deref() {
             None | Some("") => None,
@@ -480,6 +491,7 @@ impl AgentConfig {
             Some(telemetry_window_s),
             Some(spool_max_bytes),
             Some(spool_max_age_s),
+            Some(download_max_bytes_per_s),
         ) = (
             device_id,
             state_dir,
@@ -496,6 +508,7 @@ impl AgentConfig {
             telemetry_window_s,
             spool_max_bytes,
             spool_max_age_s,
+            download_max_bytes_per_s,
         )
         else {
             return Err(ConfigErrors(vec![String::from("incomplete configuration")]));
@@ -517,6 +530,7 @@ impl AgentConfig {
             telemetry_window_s,
             spool_max_bytes,
             spool_max_age_s,
+            download_max_bytes_per_s,
             link,
         })
     }
@@ -579,6 +593,11 @@ impl AgentConfig {
         let _ = writeln!(out, "\n[telemetry]\nwindow_s = {}", self.telemetry_window_s);
         let _ = writeln!(out, "\n[spool]\nmax_bytes = {}", self.spool_max_bytes);
         let _ = writeln!(out, "max_age_s = {}", self.spool_max_age_s);
+        let _ = writeln!(
+            out,
+            "\n[download]\nmax_bytes_per_s = {}",
+            self.download_max_bytes_per_s
+        );
         if let Some(link) = &self.link {
             let _ = writeln!(
                 out,
@@ -652,9 +671,14 @@ mod tests {
         assert_eq!(config.api_socket, PathBuf::from("/data/ef/agent.sock"));
         assert_eq!(config.shadow_queue, 8);
         assert_eq!(config.api_listen.to_string(), "127.0.0.1:8470");
+        assert_eq!(
+            config.download_max_bytes_per_s, 0,
+            "no bandwidth cap by default"
+        );
         let printed = config.to_toml();
         let again: toml::Table = printed.parse().unwrap();
         assert_eq!(again["device_id"].as_str(), Some("from-flag"));
+        assert_eq!(again["download"]["max_bytes_per_s"].as_integer(), Some(0));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! First-start enrollment: with a one-time token, the device generates its own key pair and a
 //! CSR (the private key never leaves the device), and the controller returns the certificate,
 //! the fleet CA and the device's message-authentication key. They are stored 0600; later starts
-//! use them. A refusal (4xx) stops the agent with the controller's reason; network failures are
-//! retried with backoff.
+//! use them. Over HTTPS the endpoint must present a certificate issued by the fleet CA
+//! (`mqtt.ca`), the device's only root. A refusal (4xx) stops the agent with the controller's
+//! reason, and so does an untrusted certificate; network failures are retried with backoff.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -67,6 +68,14 @@ pub async fn ensure_identity(config: &AgentConfig, link: &LinkConfig) -> Result<
         arch: config.arch.clone(),
         agent_version: String::from(AGENT_VERSION),
     };
+    if url.starts_with("https://") && !link.mqtt.ca.exists() {
+        bail!(
+            "cannot enroll over HTTPS: the fleet CA {} (`mqtt.ca`) does not exist, and the device trusts only the fleet CA; provision the CA certificate with the device",
+            link.mqtt.ca.display()
+        );
+    }
+    // The fleet CA is the only root: the controller's enrollment endpoint must present a
+    // certificate it issued, as the broker and the bundle servers do.
     let mut roots = rustls::RootCertStore::empty();
     if link.mqtt.ca.exists() {
         for cert in CertificateDer::pem_file_iter(&link.mqtt.ca)? {
@@ -109,7 +118,13 @@ pub async fn ensure_identity(config: &AgentConfig, link: &LinkConfig) -> Result<
                 tracing::warn!(status = %response.status(), "enrollment failed; retrying")
             }
             Err(err) => {
-                tracing::warn!(error = %err, "cannot reach the controller to enroll; retrying")
+                if let Some(reason) = crate::download::certificate_error(&err) {
+                    bail!(
+                        "cannot enroll: {endpoint} presented a TLS certificate the device does not trust ({reason}); it must be issued by the fleet CA {} (`mqtt.ca`)",
+                        link.mqtt.ca.display()
+                    );
+                }
+                tracing::warn!(error = %crate::download::error_chain(&err), "cannot reach the controller to enroll; retrying")
             }
         }
         tokio::time::sleep(backoff).await;

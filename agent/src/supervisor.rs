@@ -264,11 +264,12 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
         let (tx, rx) = mpsc::unbounded_channel();
         let will = sup.status_message(false, &key);
         sup.link = Some(Link::start(&link.mqtt, &sup.config.device_id, will, tx)?);
+        // Bundle servers are trusted as the broker is: through the fleet CA only.
         let tls = crate::mqtt::tls_config(&link.mqtt)?;
-        sup.downloader = Some(crate::download::Downloader::new(
-            &sup.config.state_dir.join("downloads"),
-            Some(tls),
-        )?);
+        let mut downloader =
+            crate::download::Downloader::new(&sup.config.state_dir.join("downloads"), Some(tls))?;
+        downloader.bandwidth_bps = Some(sup.config.download_max_bytes_per_s).filter(|&bps| bps > 0);
+        sup.downloader = Some(downloader);
         sup.mac_key = Some(key);
         link_rx = Some(rx);
     }

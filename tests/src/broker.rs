@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -27,14 +28,18 @@ pub struct TestPki {
 }
 
 impl TestPki {
+    /// The fleet CA ("EdgeFleet test fleet CA").
     pub fn new(dir: &Path) -> Self {
+        Self::named(dir, "EdgeFleet test fleet CA")
+    }
+
+    /// A CA with common name `name`: another fleet's, or an impostor's that copies the name.
+    pub fn named(dir: &Path, name: &str) -> Self {
         std::fs::create_dir_all(dir).expect("pki dir");
         let key = KeyPair::generate().expect("CA key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "EdgeFleet test fleet CA");
+        params.distinguished_name.push(DnType::CommonName, name);
         let cert = params.self_signed(&key).expect("self-sign CA");
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, cert.pem()).expect("write CA");
@@ -80,6 +85,28 @@ impl TestPki {
         std::fs::write(&files.cert, cert.pem()).expect("write cert");
         std::fs::write(&files.key, key.serialize_pem()).expect("write key");
         files
+    }
+
+    /// A rustls server config (ring provider, no client authentication) for an HTTPS server on
+    /// loopback: a certificate named `cn`, issued by this CA, for `127.0.0.1` and `localhost`.
+    pub fn https_server_config(&self, cn: &str) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let files = self.issue(cn, &["127.0.0.1", "localhost"]);
+        let chain = CertificateDer::pem_file_iter(&files.cert)
+            .expect("read the server certificate")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("a readable server certificate");
+        let key = PrivateKeyDer::from_pem_file(&files.key).expect("read the server key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server certificate and key");
+        Arc::new(config)
     }
 }
 

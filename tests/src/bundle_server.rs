@@ -1,12 +1,19 @@
-//! A small HTTP/1.1 server for bundles on a loopback port, with `Range` support and faults on
-//! demand: cut the next response after N body bytes, corrupt a byte, or trickle slowly.
+//! A small HTTPS (HTTP/1.1 over rustls) server for bundles on a loopback port, with `Range`
+//! support and faults on demand: cut the next response after N body bytes (the TCP connection is
+//! closed without a TLS close_notify, as when a link breaks), corrupt a byte, or trickle slowly.
+//! Its certificate is issued by a [`TestPki`]: the fleet's, or another CA to test refusals.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::broker::TestPki;
+
+/// How long a connection may sit idle before the server drops it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 pub struct Faults {
@@ -29,7 +36,9 @@ pub struct BundleServer {
 }
 
 impl BundleServer {
-    pub fn start() -> Self {
+    /// Starts the server with a certificate for `127.0.0.1` issued by `pki`.
+    pub fn start(pki: &TestPki) -> Self {
+        let tls = pki.https_server_config("bundle-server");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind bundle server");
         let addr = listener.local_addr().expect("addr");
         let server = Self {
@@ -51,8 +60,9 @@ impl BundleServer {
                     return;
                 }
                 let Ok(stream) = stream else { continue };
-                let (files, faults, requests) = (files.clone(), faults.clone(), requests.clone());
-                std::thread::spawn(move || serve(stream, &files, &faults, &requests));
+                let (files, faults, requests, tls) =
+                    (files.clone(), faults.clone(), requests.clone(), tls.clone());
+                std::thread::spawn(move || serve(stream, tls, &files, &faults, &requests));
             }
         });
         server
@@ -65,7 +75,7 @@ impl BundleServer {
             .lock()
             .expect("files")
             .insert(path.clone(), bytes);
-        format!("http://{}{path}", self.addr)
+        format!("https://{}{path}", self.addr)
     }
 
     pub fn requests(&self) -> Vec<String> {
@@ -76,21 +86,24 @@ impl BundleServer {
 impl Drop for BundleServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = std::net::TcpStream::connect(self.addr);
+        let _ = TcpStream::connect(self.addr);
     }
 }
 
 fn serve(
-    stream: std::net::TcpStream,
+    stream: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
     files: &Mutex<HashMap<String, Vec<u8>>>,
     faults: &Mutex<Faults>,
     requests: &Mutex<Vec<String>>,
 ) {
-    let mut reader = BufReader::new(match stream.try_clone() {
-        Ok(s) => s,
-        Err(_) => return,
-    });
-    let mut writer = stream;
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
+    let Ok(connection) = rustls::ServerConnection::new(tls) else {
+        return;
+    };
+    // The handshake happens on the first read; a client that refuses the certificate ends it.
+    let mut reader = BufReader::new(rustls::StreamOwned::new(connection, stream));
     loop {
         let mut request_line = String::new();
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
@@ -120,11 +133,13 @@ fn serve(
             .lock()
             .expect("requests")
             .push(format!("{path} {}", range.as_deref().unwrap_or("-")));
+        let writer = reader.get_mut();
         let Some(mut body) = files.lock().expect("files").get(&path).cloned() else {
             let _ = write!(
                 writer,
                 "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
             );
+            let _ = writer.flush();
             continue;
         };
         let (cut, trickle) = {
@@ -149,6 +164,7 @@ fn serve(
                 writer,
                 "HTTP/1.1 416 Range Not Satisfiable\r\ncontent-range: bytes */{total}\r\ncontent-length: 0\r\n\r\n"
             );
+            let _ = writer.flush();
             continue;
         }
         let slice = &body[start as usize..];
@@ -166,7 +182,11 @@ fn serve(
         }
         let limit = cut.map_or(slice.len(), |cut| (cut as usize).min(slice.len()));
         for chunk in slice[..limit].chunks(16 * 1024) {
-            if writer.write_all(chunk).is_err() {
+            if writer
+                .write_all(chunk)
+                .and_then(|()| writer.flush())
+                .is_err()
+            {
                 return;
             }
             if let Some(pause) = trickle {
@@ -174,8 +194,9 @@ fn serve(
             }
         }
         if cut.is_some() {
+            // Everything written so far goes out, then the connection breaks: no close_notify.
             let _ = writer.flush();
-            let _ = writer.shutdown(Shutdown::Both);
+            let _ = writer.sock.shutdown(Shutdown::Both);
             return;
         }
     }
