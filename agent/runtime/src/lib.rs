@@ -1,7 +1,18 @@
 //! Model execution on tract-onnx, shared by the agent and the controller's model registry so both
 //! run one tract version. The only crate that imports tract: load a verified model against its
 //! manifest schema, check inputs (names, dtypes, shapes, NaN policy), run it, and run the golden
-//! self-test vectors. A panic inside tract becomes an error, never a crash.
+//! self-test vectors. A panic inside tract becomes an error, never a crash. Also reads what a
+//! model declares ([`inspect`]) and generates golden vectors ([`LoadedModel::generate_golden`])
+//! for the controller's release builder.
+
+mod golden;
+mod inspect;
+
+pub use golden::{
+    GOLDEN_COUNT, GOLDEN_MAX_BYTES, GOLDEN_TOLERANCE, ReferenceRows, check_outputs, concrete_shape,
+    generated_inputs, inputs_from_row,
+};
+pub use inspect::{ModelInfo, OpUse, check_ops, inspect};
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -24,6 +35,14 @@ pub enum RuntimeError {
         "model uses ONNX operator `{op}` (node {node:?}), which the tract runtime cannot run; export the model without it"
     )]
     UnsupportedOp { op: String, node: String },
+    #[error(
+        "model {kind} `{tensor}` has ONNX element type {dtype}, which EdgeFleet cannot carry (supported: float, double, int32, int64, uint8, int8, bool); export it as one of those or cast at the model's boundary"
+    )]
+    UnsupportedDtype {
+        kind: &'static str,
+        tensor: String,
+        dtype: String,
+    },
     #[error("model cannot be loaded: {0}")]
     Load(String),
     #[error("model does not match its manifest schema: {0}")]
@@ -43,7 +62,7 @@ impl RuntimeError {
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
@@ -61,34 +80,6 @@ fn datum_type(dtype: DType) -> DatumType {
         DType::I8 => DatumType::I8,
         DType::Bool => DatumType::Bool,
     }
-}
-
-/// Refuses models that use an operator in [`UNSUPPORTED_OPS`], naming the operator.
-pub fn check_ops(path: &Path) -> Result<(), RuntimeError> {
-    let proto = catch_unwind(|| onnx().proto_model_for_path(path))
-        .map_err(|p| RuntimeError::Panic(panic_message(p)))?
-        .map_err(|err| RuntimeError::Load(format!("{err:#}")))?;
-    let Some(graph) = proto.graph.as_ref() else {
-        return Err(RuntimeError::Load(String::from(
-            "the ONNX file has no graph",
-        )));
-    };
-    let mut stack = vec![graph];
-    while let Some(graph) = stack.pop() {
-        for node in &graph.node {
-            if UNSUPPORTED_OPS.contains(&node.op_type.as_str()) {
-                return Err(RuntimeError::UnsupportedOp {
-                    op: node.op_type.clone(),
-                    node: node.name.clone(),
-                });
-            }
-            for attribute in &node.attribute {
-                stack.extend(attribute.g.as_ref());
-                stack.extend(attribute.graphs.iter());
-            }
-        }
-    }
-    Ok(())
 }
 
 type Plan = Arc<TypedRunnableModel>;
@@ -114,12 +105,17 @@ impl std::fmt::Debug for LoadedModel {
 impl LoadedModel {
     /// Loads `path` with the manifest's schema as input facts and optimises it.
     pub fn load(path: &Path, manifest: &Manifest) -> Result<Self, RuntimeError> {
+        Self::load_with_inputs(path, &manifest.inputs)
+    }
+
+    /// Loads `path` with `inputs` (every model input, by name) as input facts and optimises it.
+    pub fn load_with_inputs(path: &Path, inputs: &[TensorSpec]) -> Result<Self, RuntimeError> {
         check_ops(path)?;
-        catch_unwind(AssertUnwindSafe(|| Self::load_inner(path, manifest)))
+        catch_unwind(AssertUnwindSafe(|| Self::load_inner(path, inputs)))
             .map_err(|p| RuntimeError::Panic(panic_message(p)))?
     }
 
-    fn load_inner(path: &Path, manifest: &Manifest) -> Result<Self, RuntimeError> {
+    fn load_inner(path: &Path, specs: &[TensorSpec]) -> Result<Self, RuntimeError> {
         let load = |err: TractError| RuntimeError::Load(format!("{err:#}"));
         let mut model = onnx().model_for_path(path).map_err(load)?;
         let input_names: Vec<String> = model
@@ -130,8 +126,7 @@ impl LoadedModel {
             .collect();
         let mut inputs = Vec::with_capacity(input_names.len());
         for (ix, name) in input_names.iter().enumerate() {
-            let spec = manifest
-                .inputs
+            let spec = specs
                 .iter()
                 .find(|s| s.name.as_str() == name)
                 .ok_or_else(|| {
@@ -153,8 +148,7 @@ impl LoadedModel {
                 .map_err(load)?;
             inputs.push(spec.clone());
         }
-        if let Some(extra) = manifest
-            .inputs
+        if let Some(extra) = specs
             .iter()
             .find(|s| !input_names.iter().any(|n| n == s.name.as_str()))
         {
@@ -504,3 +498,6 @@ fn from_tract(name: &TensorName, value: &Tensor) -> Result<NamedTensor, RuntimeE
         data,
     })
 }
+
+#[cfg(test)]
+mod tests;
