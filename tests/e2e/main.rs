@@ -5,3 +5,4 @@
 )]
 
 mod cli_bundles;
+mod release;
