@@ -98,12 +98,15 @@ impl Link {
     pub fn start(
         config: &MqttConfig,
         device: &DeviceId,
+        key: &edgefleet_protocol::DeviceMacKey,
         will: Vec<u8>,
         events: mpsc::UnboundedSender<LinkEvent>,
     ) -> Result<Self> {
         let mut options = MqttOptions::new(device.as_str(), config.host.clone(), config.port);
         options.set_keep_alive(Duration::from_secs(config.keep_alive_s));
         options.set_clean_start(true);
+        // Mosquitto takes the identity from the certificate; the embedded broker checks this.
+        options.set_credentials(device.as_str(), key.mqtt_password(device.as_str()));
         options.set_max_packet_size(Some(
             edgefleet_protocol::codec::MAX_MESSAGE_BYTES as u32 + 1024,
         ));

@@ -263,7 +263,13 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
         let key = read_mac_key(&link.mac_key)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let will = sup.status_message(false, &key);
-        sup.link = Some(Link::start(&link.mqtt, &sup.config.device_id, will, tx)?);
+        sup.link = Some(Link::start(
+            &link.mqtt,
+            &sup.config.device_id,
+            &key,
+            will,
+            tx,
+        )?);
         // Bundle servers are trusted as the broker is: through the fleet CA only.
         let tls = crate::mqtt::tls_config(&link.mqtt)?;
         let mut downloader =

@@ -1,5 +1,7 @@
 //! EdgeFleet controller library: the `edgefleet` admin CLI and the fleet controller.
 
 pub mod cli;
+pub mod demo;
 pub mod fsutil;
 pub mod release;
+pub mod server;

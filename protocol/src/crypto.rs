@@ -21,6 +21,8 @@ pub enum Domain {
     Assignment,
     DeviceMessage,
     ControllerMessage,
+    /// The password a device presents to the broker (a MAC over its own id).
+    MqttLogin,
 }
 
 impl Domain {
@@ -32,6 +34,7 @@ impl Domain {
             Domain::Assignment => b"edgefleet/assignment/v1\0",
             Domain::DeviceMessage => b"edgefleet/device-message/v1\0",
             Domain::ControllerMessage => b"edgefleet/controller-message/v1\0",
+            Domain::MqttLogin => b"edgefleet/mqtt-login/v1\0",
         }
     }
 
@@ -267,6 +270,12 @@ impl DeviceMacKey {
         let mut mac = self.mac(domain);
         mac.update(body);
         MacTag(mac.finalize().into_bytes().into())
+    }
+
+    /// The MQTT password of `device`: brokers that cannot check client certificates against
+    /// topics (the embedded one) check this instead, so a client id proves its device key.
+    pub fn mqtt_password(&self, device: &str) -> String {
+        hex::encode(self.tag(Domain::MqttLogin, device.as_bytes()).0)
     }
 
     /// Constant-time check of `tag` over `body`.

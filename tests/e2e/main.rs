@@ -5,4 +5,5 @@
 )]
 
 mod cli_bundles;
+mod controller_demo;
 mod release;
