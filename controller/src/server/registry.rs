@@ -193,21 +193,32 @@ async fn register(
                     .await
                     .map_err(ApiError::internal)?;
                 let mut size = 0u64;
+                let drain_until = std::time::Instant::now() + std::time::Duration::from_secs(30);
                 while let Some(chunk) = field.chunk().await.map_err(|e| {
                     ApiError::bad_request(format!("the model upload broke off: {e}"))
                 })? {
                     size += chunk.len() as u64;
                     if size > app.max_upload_bytes {
-                        return Err(ApiError::new(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "too_large",
-                            format!(
-                                "the model is larger than this controller's limit of {} MiB (--max-upload-mib)",
-                                app.max_upload_bytes / (1024 * 1024)
-                            ),
-                        ));
+                        // Read (and drop) a bounded rest of the body so the client is still
+                        // listening when the 413 arrives, instead of seeing a reset.
+                        if size > app.max_upload_bytes.saturating_mul(2) + (64 << 20)
+                            || std::time::Instant::now() > drain_until
+                        {
+                            break;
+                        }
+                        continue;
                     }
                     out.write_all(&chunk).await.map_err(ApiError::internal)?;
+                }
+                if size > app.max_upload_bytes {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        format!(
+                            "the model is larger than this controller's limit of {} MiB (--max-upload-mib)",
+                            app.max_upload_bytes / (1024 * 1024)
+                        ),
+                    ));
                 }
                 out.sync_all().await.map_err(ApiError::internal)?;
                 model = Some((temp, size, file_name));
