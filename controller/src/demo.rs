@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -14,10 +13,8 @@ use clap::Args;
 use edgefleet_protocol::DeviceId;
 use serde_json::json;
 
-use crate::server::audit::AuditEntry;
-use crate::server::auth::{self, Role};
+use crate::server::api;
 use crate::server::config::ServeArgs;
-use crate::server::{App, api, store};
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -199,7 +196,19 @@ pub async fn run(serve: &ServeArgs, args: &DemoArgs) -> Result<()> {
     let mut agents = Agents(Vec::new());
     for i in 1..=args.agents {
         let device = format!("pump-{i:02}");
-        let token = enroll_token(&app, &device).await?;
+        let line = if device.ends_with('1') { "a" } else { "b" };
+        let response = http
+            .post(format!("{api_url}/api/v1/enroll-tokens"))
+            .bearer_auth(&admin)
+            .json(&json!({"labels": {"site": "demo", "line": line}, "expires_in_s": 3600}))
+            .send()
+            .await?;
+        let status = response.status();
+        let created: serde_json::Value = response.json().await?;
+        if !status.is_success() {
+            bail!("cannot create an enrollment token: {created}");
+        }
+        let token = created["token"].as_str().unwrap_or_default().to_owned();
         let state = data_dir.join("agents").join(&device);
         std::fs::create_dir_all(&state)?;
         let api_port = free_port()?;
@@ -385,30 +394,6 @@ pub async fn run(serve: &ServeArgs, args: &DemoArgs) -> Result<()> {
     drop(agents);
     app.store.close().await;
     Ok(())
-}
-
-async fn enroll_token(app: &Arc<App>, device: &str) -> Result<String> {
-    let secret = auth::new_secret();
-    let now = app.now_ms();
-    let row = store::EnrollTokenRow {
-        id: auth::new_id("enr"),
-        labels: json!({"site": "demo", "line": if device.ends_with('1') { "a" } else { "b" }}),
-        created_by: "token:admin".into(),
-        created_at: now,
-        expires_at: now + 3_600_000,
-        used_at: None,
-        used_by: None,
-    };
-    let audit = AuditEntry::new(
-        "token:admin",
-        "enroll_token.create",
-        format!("enroll_token:{}", row.id),
-        json!({"labels": row.labels, "for": device, "role": Role::Operator.as_str()}),
-    );
-    app.store
-        .create_enroll_token(now, &row, &auth::hash_secret(&secret), audit)
-        .await?;
-    Ok(secret)
 }
 
 /// Rows of the reference CSV (or a fixed pattern) as model inputs.

@@ -226,6 +226,14 @@ pub fn sign(signed: &mut Signed, keys: &[SecretKey]) {
 
 /// SHA-256 and size of a file, read in chunks.
 pub fn hash_file(path: &Path) -> Result<(Sha256Digest, u64), ReleaseError> {
+    stream_file(path, |_| Ok(()))
+}
+
+/// Reads `path` in chunks, handing each to `each`; returns the SHA-256 and size it read.
+fn stream_file(
+    path: &Path,
+    mut each: impl FnMut(&[u8]) -> Result<(), ReleaseError>,
+) -> Result<(Sha256Digest, u64), ReleaseError> {
     let mut file = File::open(path).map_err(|err| ReleaseError::io(path, err))?;
     let mut hasher = Sha256Stream::new();
     let mut buf = vec![0u8; CHUNK];
@@ -238,6 +246,7 @@ pub fn hash_file(path: &Path) -> Result<(Sha256Digest, u64), ReleaseError> {
             break;
         }
         hasher.update(&buf[..n]);
+        each(&buf[..n])?;
         size += n as u64;
     }
     Ok((hasher.finish(), size))
@@ -822,23 +831,10 @@ pub fn build_release(
 
 /// Copies `source` into `out`, checking it still has the size and SHA-256 the manifest lists.
 fn copy_payload(source: &Path, payload: &Payload, out: &mut File) -> Result<(), ReleaseError> {
-    let mut file = File::open(source).map_err(|err| ReleaseError::io(source, err))?;
-    let mut hasher = Sha256Stream::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut size = 0u64;
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|err| ReleaseError::io(source, err))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(|err| ReleaseError::io(source, format!("writing the bundle: {err}")))?;
-        size += n as u64;
-    }
-    let sha256 = hasher.finish();
+    let (sha256, size) = stream_file(source, |chunk| {
+        out.write_all(chunk)
+            .map_err(|err| ReleaseError::io(source, format!("writing the bundle: {err}")))
+    })?;
     if size != payload.size || sha256 != payload.sha256 {
         return Err(ReleaseError::PayloadChanged {
             path: source.to_owned(),

@@ -516,19 +516,24 @@ pub struct AssignRequest {
     pub rollback: bool,
 }
 
+/// The registered model named by its manifest digest or `name@version`.
+pub async fn find_model(app: &App, reference: &str) -> ApiResult<store::ModelRow> {
+    match reference.split_once('@') {
+        Some((name, version)) => Ok(app.store.find_model(name, version).await?),
+        None => Ok(app.store.get_model(reference).await?),
+    }
+}
+
 /// Resolves `digest` or `name@version` to a registered, fully signed model.
 pub async fn resolve_model(app: &App, reference: &str) -> ApiResult<store::ModelRow> {
-    let model = match reference.split_once('@') {
-        Some((name, version)) => app.store.find_model(name, version).await?,
-        None => {
-            Sha256Digest::from_str(reference).map_err(|_| {
-                ApiError::bad_request(format!(
-                    "model {reference:?}: give a manifest digest (64 hex digits) or name@version"
-                ))
-            })?;
-            app.store.get_model(reference).await?
-        }
-    };
+    if !reference.contains('@') {
+        Sha256Digest::from_str(reference).map_err(|_| {
+            ApiError::bad_request(format!(
+                "model {reference:?}: give a manifest digest (64 hex digits) or name@version"
+            ))
+        })?;
+    }
+    let model = find_model(app, reference).await?;
     let need = app.keys.release_threshold() as i64;
     if model.signatures < need {
         return Err(ApiError::new(
@@ -610,7 +615,7 @@ pub async fn issue_assignment(
         .assign(now.as_millis() as i64, device.as_str(), build, audit)
         .await?;
     app.publisher
-        .assignment(device.as_str(), signed)
+        .assignment(device, signed)
         .await
         .map_err(ApiError::internal)?;
     let row = app.store.get_device(device.as_str()).await?;
@@ -666,7 +671,7 @@ async fn revoke_device(
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     let caller = authorize(&app, &headers, Role::Admin).await?;
-    device_id(&id)?;
+    let device = device_id(&id)?;
     let audit = AuditEntry::new(
         caller.actor(),
         "device.revoke",
@@ -678,10 +683,10 @@ async fn revoke_device(
     if let Some(logins) = &app.logins {
         logins.deny(&id);
     }
-    if let Err(err) = app.publisher.clear_assignment(&id).await {
+    if let Err(err) = app.publisher.clear_assignment(&device).await {
         tracing::warn!(%err, device = id, "cannot clear the revoked device's assignment");
     }
-    super::device_api::disconnect(&app, &id).await;
+    super::device_api::disconnect(&app, &device).await;
     Ok(Json(json!({"device": id, "revoked": true})))
 }
 

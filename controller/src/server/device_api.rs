@@ -338,31 +338,25 @@ async fn bundle(
 
 /// Cuts a revoked device off the embedded broker: connecting with its client id makes the
 /// broker drop the device's session; its login is already gone, so it cannot come back.
-pub async fn disconnect(app: &App, device: &str) {
+pub async fn disconnect(app: &App, id: &DeviceId) {
     let Some(logins) = &app.logins else {
-        return;
-    };
-    let Ok(id) = DeviceId::new(device) else {
         return;
     };
     let secret = super::auth::new_secret();
     logins.allow(id.as_str(), secret.clone());
-    let result = kick(app, &id, &secret).await;
+    let result = kick(app, id, &secret).await;
     logins.deny(id.as_str());
     if let Err(err) = result {
-        tracing::warn!(%err, device, "could not take over the revoked device's MQTT session");
+        tracing::warn!(%err, device = %id, "could not take over the revoked device's MQTT session");
     }
 }
 
 async fn kick(app: &App, id: &DeviceId, secret: &str) -> anyhow::Result<()> {
     use rumqttc::v5::{AsyncClient, Event, MqttOptions, mqttbytes::v5::Packet};
-    let client_cfg = super::pki::client_config(
-        &app.ca,
-        &super::pki::Identity {
-            cert: app.ca.dir.join("controller.pem"),
-            key: app.ca.dir.join("controller.key"),
-        },
-    )?;
+    let identity = app
+        .ca
+        .identity("controller", super::pki::CONTROLLER_CN, &[], false)?;
+    let client_cfg = super::pki::client_config(&app.ca, &identity)?;
     let url = app.device_mqtt_url.trim_start_matches("mqtts://");
     let (host, port) = url.rsplit_once(':').unwrap_or((url, "8883"));
     let mut options = MqttOptions::new(

@@ -17,7 +17,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 
 use super::metrics::Metrics;
 use super::store::{Report, StatusUpdate, Store};
@@ -44,12 +44,8 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub async fn assignment(&self, device: &str, signed: Vec<u8>) -> Result<()> {
-        let topic = format!(
-            "{}/{device}/{}",
-            topics::PREFIX,
-            TopicKind::Assignment.as_str()
-        );
+    pub async fn assignment(&self, device: &DeviceId, signed: Vec<u8>) -> Result<()> {
+        let topic = Topic::new(device.clone(), TopicKind::Assignment).to_string();
         self.client
             .publish(topic, QoS::AtLeastOnce, true, signed)
             .await?;
@@ -57,7 +53,7 @@ impl Publisher {
     }
 
     /// Clears a device's retained assignment (revocation).
-    pub async fn clear_assignment(&self, device: &str) -> Result<()> {
+    pub async fn clear_assignment(&self, device: &DeviceId) -> Result<()> {
         self.assignment(device, Vec::new()).await
     }
 }
@@ -189,7 +185,11 @@ pub fn start(
             match republish_store.assignments().await {
                 Ok(all) => {
                     for (device, signed) in all {
-                        if let Err(err) = republish_client.assignment(&device, signed).await {
+                        let Ok(id) = DeviceId::new(&device) else {
+                            tracing::error!(device, "a stored device id is invalid");
+                            continue;
+                        };
+                        if let Err(err) = republish_client.assignment(&id, signed).await {
                             tracing::warn!(%err, device, "cannot re-publish an assignment");
                         }
                     }
@@ -258,7 +258,6 @@ pub fn start(
     // Commit in batches, then ack what was committed.
     let ack_client = client;
     tokio::spawn(async move {
-        let pending = Arc::new(Mutex::new(()));
         loop {
             let Some(first) = report_rx.recv().await else {
                 return;
@@ -272,7 +271,6 @@ pub fn start(
             }
             let now = clock.now().as_millis() as i64;
             let reports: Vec<Report> = batch.iter().map(to_report).collect();
-            let _guard = pending.lock().await;
             let mut delay = Duration::from_millis(100);
             loop {
                 match store.ingest(now, &reports).await {

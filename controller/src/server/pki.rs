@@ -256,9 +256,3 @@ pub fn common_name(der: &[u8]) -> Option<String> {
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_owned)
 }
-
-/// The hex serial of a DER certificate.
-pub fn serial_hex(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(hex::encode(cert.raw_serial()))
-}

@@ -472,20 +472,13 @@ async fn list_models(
     Ok(axum::Json(json!({"models": models})))
 }
 
-async fn model_by_ref(app: &App, reference: &str) -> ApiResult<ModelRow> {
-    match reference.split_once('@') {
-        Some((name, version)) => Ok(app.store.find_model(name, version).await?),
-        None => Ok(app.store.get_model(reference).await?),
-    }
-}
-
 async fn show_model(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     Path(digest): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     authorize(&app, &headers, Role::Viewer).await?;
-    let row = model_by_ref(&app, &digest).await?;
+    let row = super::api::find_model(&app, &digest).await?;
     Ok(axum::Json(model_json(&app, &row, None)))
 }
 
@@ -496,7 +489,7 @@ async fn lineage(
     Path(digest): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
     authorize(&app, &headers, Role::Viewer).await?;
-    let row = model_by_ref(&app, &digest).await?;
+    let row = super::api::find_model(&app, &digest).await?;
     let all = app.store.list_models().await?;
     let summary = |m: &ModelRow| {
         json!({
@@ -540,7 +533,7 @@ async fn download_bundle(
     Path(digest): Path<String>,
 ) -> ApiResult<Response> {
     authorize(&app, &headers, Role::Viewer).await?;
-    let row = model_by_ref(&app, &digest).await?;
+    let row = super::api::find_model(&app, &digest).await?;
     let file = tokio::fs::File::open(&row.bundle_path)
         .await
         .map_err(ApiError::internal)?;
@@ -563,7 +556,7 @@ async fn add_signature(
     body: axum::body::Bytes,
 ) -> ApiResult<impl IntoResponse> {
     let caller = authorize(&app, &headers, Role::Operator).await?;
-    let row = model_by_ref(&app, &digest).await?;
+    let row = super::api::find_model(&app, &digest).await?;
     let detached: DetachedSignature =
         codec::decode("detached signature", &body, 64 * 1024).map_err(|e| {
             ApiError::bad_request(format!(
@@ -626,14 +619,11 @@ async fn add_signature(
     let new = app
         .bundles_dir()
         .join(format!("{}-{}.efb", row.digest, signed.signatures.len()));
-    let payload_len = row.bundle_size as u64
-        - edgefleet_protocol::bundle::split_header(
-            &std::fs::read(&old).map_err(ApiError::internal)?[..],
-        )
-        .ok()
-        .flatten()
-        .map(|(_, len)| len as u64)
-        .ok_or_else(|| ApiError::internal("stored bundle has no readable header"))?;
+    // The payloads follow the header; their length is what the manifest lists.
+    let manifest: edgefleet_protocol::manifest::Manifest =
+        codec::decode("manifest", &signed.body, codec::MAX_MANIFEST_BYTES)
+            .map_err(ApiError::internal)?;
+    let payload_len = manifest.payload_bytes();
     {
         let (signed, old, new) = (signed.clone(), old.clone(), new.clone());
         tokio::task::spawn_blocking(move || rewrite_bundle(&signed, &old, payload_len, &new))

@@ -315,24 +315,43 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Runs `f` in a write transaction and appends `audit` (if any) in the same transaction.
-    async fn write<T, F>(&self, now: i64, audit: Option<AuditEntry>, f: F) -> Result<T>
+    /// Runs `f` in a write transaction and appends the audit entry it returns (if any) in the
+    /// same transaction: the one path every audited change takes. `audited` says up front whether
+    /// an entry may come, so PostgreSQL replicas queue on the audit table before reading.
+    async fn transaction<T, F>(&self, now: i64, audited: bool, f: F) -> Result<T>
     where
         F: for<'t> FnOnce(
             &'t mut Transaction<'static, Any>,
-        ) -> futures_util::future::BoxFuture<'t, Result<T>>,
+        )
+            -> futures_util::future::BoxFuture<'t, Result<(T, Option<AuditEntry>)>>,
     {
         let _guard = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
-        if audit.is_some() && self.backend == Backend::Postgres {
+        if audited && self.backend == Backend::Postgres {
             tx.execute("LOCK TABLE audit_log IN EXCLUSIVE MODE").await?;
         }
-        let value = f(&mut tx).await?;
+        let (value, audit) = f(&mut tx).await?;
         if let Some(entry) = audit {
             append_audit(&mut tx, &entry, now).await?;
         }
         tx.commit().await?;
         Ok(value)
+    }
+
+    /// [`Store::transaction`] with an audit entry known before the change.
+    async fn write<T, F>(&self, now: i64, audit: Option<AuditEntry>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(
+                &'t mut Transaction<'static, Any>,
+            ) -> futures_util::future::BoxFuture<'t, Result<T>>
+            + Send
+            + 'static,
+    {
+        self.transaction(now, audit.is_some(), move |tx| {
+            Box::pin(async move { Ok((f(tx).await?, audit)) })
+        })
+        .await
     }
 
     /// Records an action that changes nothing else (e.g. a signed download, a login).
@@ -483,70 +502,70 @@ impl Store {
         device: NewDevice,
         audit: impl FnOnce(&EnrollTokenRow) -> AuditEntry + Send + 'static,
     ) -> Result<EnrollTokenRow> {
-        let _guard = self.writer.lock().await;
-        let mut tx = self.pool.begin().await?;
-        if self.backend == Backend::Postgres {
-            tx.execute("LOCK TABLE audit_log IN EXCLUSIVE MODE").await?;
-        }
-        let token = sqlx::query(
-            "SELECT id, labels, created_by, created_at, expires_at, used_at, used_by \
-             FROM enroll_tokens WHERE token_hash = $1",
-        )
-        .bind(token_hash)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| enroll_token_row(&r))
-        .transpose()?
-        .ok_or_else(|| {
-            StoreError::Refused(
-                "unknown enrollment token: ask an operator for a new one \
-                 (`edgefleet enroll-token create`)"
-                    .into(),
-            )
-        })?;
-        if let Some(by) = &token.used_by {
-            return Err(StoreError::Refused(format!(
-                "this enrollment token was already used (by device {by:?}); tokens are one-time, ask for a new one"
-            )));
-        }
-        if token.expires_at <= now {
-            return Err(StoreError::Refused(
-                "this enrollment token has expired; ask an operator for a new one".into(),
-            ));
-        }
-        let existing = sqlx::query("SELECT revoked_at FROM devices WHERE id = $1")
-            .bind(&device.id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if existing.is_some() {
-            return Err(StoreError::Conflict(format!(
-                "device {:?} is already enrolled; pick another device id, or delete the old record first",
-                device.id
-            )));
-        }
-        sqlx::query("UPDATE enroll_tokens SET used_at = $1, used_by = $2 WHERE id = $3")
-            .bind(now)
-            .bind(&device.id)
-            .bind(&token.id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO devices (id, arch, agent_version, labels, mac_key, cert_serial, cert_pem, \
-             enrolled_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(&device.id)
-        .bind(&device.arch)
-        .bind(&device.agent_version)
-        .bind(token.labels.to_string())
-        .bind(&device.mac_key)
-        .bind(&device.cert_serial)
-        .bind(&device.cert_pem)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        append_audit(&mut tx, &audit(&token), now).await?;
-        tx.commit().await?;
-        Ok(token)
+        let token_hash = token_hash.to_owned();
+        self.transaction(now, true, move |tx| {
+            Box::pin(async move {
+                let token = sqlx::query(
+                    "SELECT id, labels, created_by, created_at, expires_at, used_at, used_by \
+                     FROM enroll_tokens WHERE token_hash = $1",
+                )
+                .bind(token_hash)
+                .fetch_optional(&mut **tx)
+                .await?
+                .map(|r| enroll_token_row(&r))
+                .transpose()?
+                .ok_or_else(|| {
+                    StoreError::Refused(
+                        "unknown enrollment token: ask an operator for a new one \
+                         (`edgefleet enroll-token create`)"
+                            .into(),
+                    )
+                })?;
+                if let Some(by) = &token.used_by {
+                    return Err(StoreError::Refused(format!(
+                        "this enrollment token was already used (by device {by:?}); tokens are one-time, ask for a new one"
+                    )));
+                }
+                if token.expires_at <= now {
+                    return Err(StoreError::Refused(
+                        "this enrollment token has expired; ask an operator for a new one".into(),
+                    ));
+                }
+                let existing = sqlx::query("SELECT revoked_at FROM devices WHERE id = $1")
+                    .bind(&device.id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                if existing.is_some() {
+                    return Err(StoreError::Conflict(format!(
+                        "device {:?} is already enrolled; pick another device id, or delete the old record first",
+                        device.id
+                    )));
+                }
+                sqlx::query("UPDATE enroll_tokens SET used_at = $1, used_by = $2 WHERE id = $3")
+                    .bind(now)
+                    .bind(&device.id)
+                    .bind(&token.id)
+                    .execute(&mut **tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO devices (id, arch, agent_version, labels, mac_key, cert_serial, cert_pem, \
+                     enrolled_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&device.id)
+                .bind(&device.arch)
+                .bind(&device.agent_version)
+                .bind(token.labels.to_string())
+                .bind(&device.mac_key)
+                .bind(&device.cert_serial)
+                .bind(&device.cert_pem)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+                let entry = audit(&token);
+                Ok((token, Some(entry)))
+            })
+        })
+        .await
     }
 
     // ---- devices ----
@@ -619,7 +638,7 @@ impl Store {
         .await
     }
 
-    /// `(device, MAC key, revoked)` for every device: the ingest's key cache.
+    /// A device's MAC key and whether it is revoked (what the ingest's key cache holds).
     pub async fn device_key(&self, id: &str) -> Result<Option<(Vec<u8>, bool)>> {
         let row = sqlx::query("SELECT mac_key, revoked_at FROM devices WHERE id = $1")
             .bind(id)
