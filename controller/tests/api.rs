@@ -12,8 +12,14 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use edgefleet_controller::server::api::ASSIGNMENT_TTL_MS;
 use edgefleet_controller::server::config::{MqttMode, ServeArgs};
+use edgefleet_controller::server::refresh::{Refreshed, refresh_due};
 use edgefleet_controller::server::{self, Running};
+use edgefleet_protocol::Timestamp;
+use edgefleet_protocol::assignment::Assignment;
+use edgefleet_protocol::codec::{self, MAX_MESSAGE_BYTES};
+use edgefleet_protocol::trust::Signed;
 use reqwest::multipart::{Form, Part};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
@@ -1076,5 +1082,142 @@ async fn the_openapi_document_covers_every_api_route() {
     assert!(
         stale.is_empty(),
         "documented in openapi.json but not registered: {stale:?}"
+    );
+}
+
+/// Enrolls `device` through the controller's HTTPS enrollment endpoint, as an agent does.
+async fn enroll(ctl: &Ctl, device: &str) {
+    let (status, token) = ctl
+        .post("/api/v1/enroll-tokens", Some(&ctl.admin), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{token}");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, device);
+    let request = json!({
+        "v": edgefleet_protocol::enroll::ENROLL_VERSION,
+        "token": token["token"],
+        "device": device,
+        "csr_pem": params.serialize_request(&key).unwrap().pem().unwrap(),
+        "arch": "x86_64",
+        "agent_version": "test",
+    });
+    let ca = std::fs::read(ctl.running.app.ca.ca_path()).unwrap();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(REQUEST_TIMEOUT)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let url = format!(
+        "{}{}",
+        ctl.running.app.device_url,
+        edgefleet_protocol::enroll::ENROLL_PATH
+    );
+    let (status, body) = send(client.post(url).json(&request)).await;
+    assert_eq!(status, StatusCode::OK, "enrolling {device}: {body}");
+}
+
+/// The current signed assignment of `device`, decoded.
+async fn stored_assignment(ctl: &Ctl, device: &str) -> Assignment {
+    let (_, bytes) = ctl
+        .running
+        .app
+        .store
+        .assignments()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(d, _)| d == device)
+        .unwrap();
+    let signed = Signed::decode("assignment", &bytes, MAX_MESSAGE_BYTES).unwrap();
+    codec::decode("assignment", &signed.body, MAX_MESSAGE_BYTES).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignments_are_re_signed_with_the_same_content_before_they_expire() {
+    let ctl = Ctl::start().await;
+    enroll(&ctl, "pump-01").await;
+    let digest = register_good_model(&ctl).await;
+    let (status, body) = ctl
+        .post(
+            "/api/v1/devices/pump-01/assign",
+            Some(&ctl.admin),
+            json!({"model": digest, "rollback": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let first = stored_assignment(&ctl, "pump-01").await;
+    assert_eq!(first.seq, 1);
+    let app = &ctl.running.app;
+
+    // Fresh, and still at half its lifetime less a minute: nothing to do.
+    let half = ASSIGNMENT_TTL_MS / 2;
+    for at in [
+        first.issued_at.as_millis(),
+        first.expires.as_millis() - half - 60_000,
+    ] {
+        let done = refresh_due(app, Timestamp(at)).await.unwrap();
+        assert_eq!(done, Refreshed::default(), "at {at}");
+    }
+    assert_eq!(stored_assignment(&ctl, "pump-01").await, first);
+
+    // Past half its lifetime: re-signed under the next sequence number, content unchanged.
+    let later = Timestamp(first.expires.as_millis() - half + 60_000);
+    let done = refresh_due(app, later).await.unwrap();
+    assert_eq!(
+        done,
+        Refreshed {
+            renewed: 1,
+            superseded: 0
+        }
+    );
+    let second = stored_assignment(&ctl, "pump-01").await;
+    assert_eq!(second.seq, 2);
+    assert!(second.expires >= first.expires, "{second:?}");
+    assert_eq!(
+        (
+            &second.device,
+            &second.active,
+            &second.shadow,
+            second.rollback,
+            &second.rollout
+        ),
+        (
+            &first.device,
+            &first.active,
+            &first.shadow,
+            first.rollback,
+            &first.rollout
+        )
+    );
+    let (_, shown) = ctl.get("/api/v1/devices/pump-01", Some(&ctl.admin)).await;
+    assert_eq!(shown["device"]["assignment"]["seq"], 2, "{shown}");
+
+    // Recorded in the audit log, whose chain still holds.
+    let rows = app.store.audit_rows(0, 1_000).await.unwrap();
+    let refresh = rows
+        .iter()
+        .find(|r| r.action == "device.assignment_refresh")
+        .expect("an audit row for the refresh");
+    assert_eq!(refresh.object, "device:pump-01");
+    assert_eq!(refresh.actor, "controller");
+    assert_eq!(ctl.verify().await["ok"], true);
+
+    // A revoked device's assignment is not renewed.
+    let (status, body) = ctl
+        .post(
+            "/api/v1/devices/pump-01/revoke",
+            Some(&ctl.admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let much_later = Timestamp(second.expires.as_millis());
+    assert_eq!(
+        refresh_due(app, much_later).await.unwrap(),
+        Refreshed::default()
     );
 }

@@ -559,6 +559,61 @@ fn assigned(app: &App, model: &store::ModelRow) -> ApiResult<AssignedModel> {
     })
 }
 
+/// The JSON summary stored next to a signed assignment (what `GET /devices/{id}` shows).
+fn assignment_summary(a: &Assignment) -> Value {
+    let model = |m: &Option<AssignedModel>| {
+        m.as_ref().map(|m| {
+            json!({"name": m.name.as_str(), "version": m.version.as_str(), "release": m.release, "digest": m.manifest_digest.to_hex()})
+        })
+    };
+    json!({
+        "seq": a.seq,
+        "issued_at": a.issued_at.as_millis(),
+        "expires": a.expires.as_millis(),
+        "rollback": a.rollback,
+        "active": model(&a.active),
+        "shadow": model(&a.shadow),
+    })
+}
+
+/// Signs `template` under the device's next sequence number, issued now and valid for
+/// [`ASSIGNMENT_TTL_MS`], and stores it with `audit` in one transaction. With `replaces`, the
+/// write is refused if the device's sequence has moved past that number meanwhile (a refresh must
+/// never overwrite a newer assignment).
+pub(crate) async fn store_assignment(
+    app: &App,
+    template: Assignment,
+    replaces: Option<u64>,
+    audit: AuditEntry,
+) -> Result<Vec<u8>, StoreError> {
+    let now = app.clock.now();
+    let device = template.device.to_string();
+    let keys = app.keys.clone();
+    let build = move |seq: u64| {
+        if let Some(old) = replaces
+            && seq != old + 1
+        {
+            return Err(format!(
+                "assignment {old} was superseded by {} before it could be refreshed",
+                seq - 1
+            ));
+        }
+        let assignment = Assignment {
+            seq,
+            issued_at: now,
+            expires: Timestamp(now.as_millis() + ASSIGNMENT_TTL_MS),
+            ..template
+        };
+        Ok((
+            assignment.sign(keys.controller_key()),
+            assignment_summary(&assignment),
+        ))
+    };
+    app.store
+        .assign(now.as_millis() as i64, &device, build, audit)
+        .await
+}
+
 /// Signs, stores and publishes `device`'s next assignment. Shared with the rollout engine.
 pub async fn issue_assignment(
     app: &App,
@@ -568,52 +623,24 @@ pub async fn issue_assignment(
     shadow: Option<&store::ModelRow>,
     rollback: bool,
 ) -> ApiResult<Value> {
-    let active = active.map(|m| assigned(app, m)).transpose()?;
-    let shadow = shadow.map(|m| assigned(app, m)).transpose()?;
-    let now = app.clock.now();
-    let summary_of = |a: &Option<AssignedModel>| {
-        a.as_ref().map(|m| {
-            json!({"name": m.name.as_str(), "version": m.version.as_str(), "release": m.release, "digest": m.manifest_digest.to_hex()})
-        })
+    let template = Assignment {
+        device: device.clone(),
+        seq: 0,
+        issued_at: Timestamp(0),
+        expires: Timestamp(0),
+        rollback,
+        active: active.map(|m| assigned(app, m)).transpose()?,
+        shadow: shadow.map(|m| assigned(app, m)).transpose()?,
+        rollout: None,
     };
-    let (active_json, shadow_json) = (summary_of(&active), summary_of(&shadow));
-    let device_owned = device.clone();
-    let build = {
-        let (active, shadow) = (active.clone(), shadow.clone());
-        let keys = app.keys.clone();
-        let (active_json, shadow_json) = (active_json.clone(), shadow_json.clone());
-        move |seq: u64| {
-            let assignment = Assignment {
-                device: device_owned,
-                seq,
-                issued_at: now,
-                expires: Timestamp(now.as_millis() + ASSIGNMENT_TTL_MS),
-                rollback,
-                active,
-                shadow,
-                rollout: None,
-            };
-            let summary = json!({
-                "seq": seq,
-                "issued_at": assignment.issued_at.as_millis(),
-                "expires": assignment.expires.as_millis(),
-                "rollback": rollback,
-                "active": active_json,
-                "shadow": shadow_json,
-            });
-            Ok((assignment.sign(keys.controller_key()), summary))
-        }
-    };
+    let summary = assignment_summary(&template);
     let audit = AuditEntry::new(
         actor,
         "device.assign",
         format!("device:{device}"),
-        json!({"active": active_json, "shadow": shadow_json, "rollback": rollback}),
+        json!({"active": summary["active"], "shadow": summary["shadow"], "rollback": rollback}),
     );
-    let signed = app
-        .store
-        .assign(now.as_millis() as i64, device.as_str(), build, audit)
-        .await?;
+    let signed = store_assignment(app, template, None, audit).await?;
     app.publisher
         .assignment(device, signed)
         .await

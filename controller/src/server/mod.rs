@@ -13,6 +13,7 @@
 //! | `api` | the admin HTTP API (`/api/v1`, `/metrics`, OpenAPI) |
 //! | `registry` | model upload, validation, signing, storage |
 //! | `device_api` | the HTTPS endpoint devices use: enrollment, bundle downloads (Range) |
+//! | `refresh` | re-signs assignments before they expire |
 //! | `ratelimit`, `metrics` | request rate limits, Prometheus counters |
 
 pub mod api;
@@ -27,6 +28,7 @@ pub mod mosquitto;
 pub mod mqtt;
 pub mod pki;
 pub mod ratelimit;
+pub mod refresh;
 pub mod registry;
 pub mod store;
 
@@ -215,6 +217,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
         max_upload_bytes: args.max_upload_mib.saturating_mul(1024 * 1024),
     });
     bootstrap_admin(&app, args).await?;
+    refresh::spawn(app.clone());
 
     let router = api::router(app.clone());
     tokio::spawn(async move {
