@@ -33,6 +33,11 @@ pub fn config(listen: &std::net::SocketAddr, dir: &std::path::Path) -> String {
          allow_anonymous false\n\
          persistence false\n\
          max_packet_size {max}\n\
+         # The controller consumes the whole fleet's reports over one connection: Mosquitto's\n\
+         # default queue of 1000 messages per client drops reports under a burst (devices then\n\
+         # resend them). Bounded by bytes as well, so a stalled client cannot exhaust memory.\n\
+         max_queued_messages 200000\n\
+         max_queued_bytes 268435456\n\
          listener {port} {ip}\n\
          protocol mqtt\n\
          cafile {dir}/ca.pem\n\
