@@ -33,28 +33,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     write_atomic_with(path, mode, |file| file.write_all(bytes).map_err(Into::into))
 }
 
-/// Atomically replaces (or creates) `path` with what `fill` writes into the temp file.
-pub fn write_atomic_with(
+/// Atomically replaces (or creates) `path` with what `fill` writes into the temp file; returns
+/// what `fill` returns.
+pub fn write_atomic_with<T>(
     path: &Path,
     mode: u32,
-    fill: impl FnOnce(&mut File) -> Result<()>,
-) -> Result<()> {
+    fill: impl FnOnce(&mut File) -> Result<T>,
+) -> Result<T> {
     let tmp = temp_path(path);
-    let res = (|| -> Result<()> {
+    let res = (|| -> Result<T> {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
-        fill(&mut file)?;
+        let filled = fill(&mut file)?;
         file.sync_all()
             .with_context(|| format!("cannot fsync {}", tmp.display()))?;
         fs::rename(&tmp, path)
             .with_context(|| format!("cannot move {} into place", path.display()))?;
         File::open(parent_dir(path))
             .and_then(|dir| dir.sync_all())
-            .with_context(|| format!("cannot fsync directory of {}", path.display()))
+            .with_context(|| format!("cannot fsync directory of {}", path.display()))?;
+        Ok(filled)
     })();
     if res.is_err() {
         let _ = fs::remove_file(&tmp);

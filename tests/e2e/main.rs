@@ -5,5 +5,6 @@
 )]
 
 mod cli_bundles;
+mod cli_online;
 mod controller_demo;
 mod release;

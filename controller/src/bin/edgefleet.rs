@@ -3,15 +3,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgefleet_controller::cli::{Cli, run};
+use edgefleet_controller::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            cli::exit_code(&err)
         }
     }
 }

@@ -1,13 +1,21 @@
 //! The `edgefleet` admin CLI. Offline commands (`keys`, `bundle`) work on files and need no
-//! controller.
+//! controller; online commands (`login`, `device`, `model`, `token`, `audit`, …) drive a
+//! controller through its admin API over HTTP ([`online`]).
 
 pub mod bundle;
 pub mod keyfile;
 pub mod keys;
+pub mod online;
+pub mod output;
 pub mod spec;
 pub mod trustdir;
 
-use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use self::online::Online;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,11 +36,90 @@ pub enum Command {
     /// Build, sign, verify and inspect model bundles (offline).
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Check an API token against a controller and save both as a profile.
+    Login(online::profile::Login),
+    /// Forget a saved profile (the token stays valid until revoked).
+    Logout(online::profile::Logout),
+    /// List the saved profiles or choose the current one.
+    Profile(online::profile::ProfileArgs),
+    /// Enrolled devices: list, show, label, assign a model, revoke.
+    Device(Online<online::device::DeviceCommand>),
+    /// The model registry: register, list, show, lineage, download, add a signature.
+    Model(Online<online::model::ModelCommand>),
+    /// One-time device enrollment tokens.
+    EnrollToken(Online<online::token::EnrollTokenCommand>),
+    /// API tokens and their roles (admin).
+    Token(Online<online::token::TokenCommand>),
+    /// The controller's hash-chained audit log: verify, export.
+    Audit(Online<online::audit::AuditCommand>),
+    /// Print a shell completion script, e.g. `edgefleet completions bash > /etc/bash_completion.d/edgefleet`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Keys(command) => keys::run(command),
         Command::Bundle(command) => bundle::run(command),
+        Command::Login(args) => online::profile::login(&args),
+        Command::Logout(args) => online::profile::logout(&args),
+        Command::Profile(args) => online::profile::profile(&args),
+        Command::Device(command) => online::run(command, online::device::run),
+        Command::Model(command) => online::run(command, online::model::run),
+        Command::EnrollToken(command) => online::run(command, online::token::run_enroll),
+        Command::Token(command) => online::run(command, online::token::run_api),
+        Command::Audit(command) => online::run(command, online::audit::run),
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics when its writer fails (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "edgefleet", &mut script);
+            std::io::stdout().write_all(&script)?;
+            Ok(())
+        }
+    }
+}
+
+/// 2 when the user must fix the configuration or the command line, 1 for other failures.
+pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    if err.downcast_ref::<online::profile::ConfigError>().is_some() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// ARCHITECTURE.md: the CLI reaches a controller over HTTP only.
+    #[test]
+    fn the_cli_never_imports_the_server() {
+        fn check(dir: &std::path::Path) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    check(&path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let source = std::fs::read_to_string(&path).unwrap();
+                    // Split so that this file does not match itself; comments may name them.
+                    let forbidden = [concat!("crate::", "server"), concat!("sq", "lx")];
+                    let mut code = source.lines().filter(|l| !l.trim_start().starts_with("//"));
+                    assert!(
+                        !code.any(|l| forbidden.iter().any(|f| l.contains(f))),
+                        "{} imports the controller's server side",
+                        path.display()
+                    );
+                }
+            }
+        }
+        check(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cli"));
     }
 }
