@@ -6,4 +6,5 @@
 
 mod cli_bundles;
 mod controller_demo;
+mod fleet;
 mod release;
