@@ -638,6 +638,7 @@ impl Supervisor {
         {
             tracing::error!(error = %err, "cannot spool a telemetry window; it is lost");
         }
+        self.flush();
     }
 
     fn model_spec(&self, slot: &Slot) -> ModelSpec {

@@ -84,6 +84,8 @@ impl Ctl {
             mqtt: MqttMode::Embedded,
             mqtt_listen: free_addr(),
             device_mqtt_url: None,
+            crl_file: None,
+            crl_reload_command: None,
             listen: "127.0.0.1:0".parse().unwrap(),
             device_listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,

@@ -110,8 +110,21 @@ pub struct FeatureSketch {
     pub out_of_range: u64,
     pub sum: f64,
     pub sum_sq: f64,
+    /// `+∞` while empty. JSON has no infinities (serde_json writes `null`), so `null` reads back
+    /// as the empty value; the agent's worker hands windows to its supervisor as JSON.
+    #[serde(deserialize_with = "infinity_if_null")]
     pub min: f64,
+    /// `-∞` while empty; `null` reads back as that.
+    #[serde(deserialize_with = "neg_infinity_if_null")]
     pub max: f64,
+}
+
+fn infinity_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+}
+
+fn neg_infinity_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NEG_INFINITY))
 }
 
 impl FeatureSketch {

@@ -7,4 +7,5 @@
 mod cli_bundles;
 mod cli_online;
 mod controller_demo;
+mod fleet;
 mod release;

@@ -75,6 +75,21 @@ impl AgentProcess {
         state_dir: &Path,
         extra_env: &[(&str, &str)],
     ) -> Self {
+        Self::start_trusting(
+            bin,
+            (&fleet.root_path, &fleet.keyring_path),
+            state_dir,
+            extra_env,
+        )
+    }
+
+    /// Starts an agent trusting the root anchor and release keyring at `trust`.
+    pub fn start_trusting(
+        bin: &Path,
+        (root, keyring): (&Path, &Path),
+        state_dir: &Path,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         std::fs::create_dir_all(state_dir).expect("create state dir");
         let api = free_port();
         let socket = state_dir.join("agent.sock");
@@ -86,11 +101,11 @@ impl AgentProcess {
             ),
             (
                 "EDGEFLEET_TRUST_ROOT".into(),
-                fleet.root_path.to_string_lossy().into_owned(),
+                root.to_string_lossy().into_owned(),
             ),
             (
                 "EDGEFLEET_KEYRING".into(),
-                fleet.keyring_path.to_string_lossy().into_owned(),
+                keyring.to_string_lossy().into_owned(),
             ),
             ("EDGEFLEET_API_LISTEN".into(), api.to_string()),
             (

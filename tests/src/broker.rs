@@ -185,6 +185,36 @@ impl Mosquitto {
         broker
     }
 
+    /// Runs the configuration `edgefleet-controller mosquitto-config` wrote into `out` for a
+    /// listener on `addr`. The harness adds only logging to a file and, when the tests run as
+    /// root, `user root`: as root Mosquitto otherwise switches to the `mosquitto` user, which
+    /// cannot read the controller's private data directory (where the CRL is).
+    pub fn start_generated(out: &Path, addr: SocketAddr) -> Self {
+        let mut text =
+            std::fs::read_to_string(out.join("mosquitto.conf")).expect("read mosquitto.conf");
+        text.push_str(
+            "\n# test harness\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
+        );
+        if rustix::process::geteuid().is_root() {
+            text.push_str("user root\n");
+        }
+        let config = out.join("harness.conf");
+        std::fs::write(&config, text).expect("write harness.conf");
+        let mut broker = Self {
+            addr,
+            config,
+            log: out.join("mosquitto.log"),
+            child: None,
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// The broker's process id (for a reload signal).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -199,8 +229,15 @@ impl Mosquitto {
             .spawn()
             .expect("start mosquitto");
         self.child = Some(child);
-        let addr = self.addr;
+        let (addr, log) = (self.addr, self.log.clone());
+        let child = self.child.as_mut().expect("just spawned");
         wait_until(Duration::from_secs(10), "mosquitto to listen", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "mosquitto exited ({status}); log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             std::net::TcpStream::connect(addr).ok()
         });
     }

@@ -4,11 +4,13 @@
 pub mod agent;
 pub mod broker;
 pub mod bundle_server;
+pub mod controller;
 pub mod enroll_server;
 pub mod fleet;
 pub mod models;
 pub mod peer;
 pub mod postgres;
+pub mod probe;
 
 /// A rustls client config (ring provider) trusting `ca` and presenting `identity`.
 pub fn mqtt_tls(ca: &Path, identity: &broker::CertFiles) -> rustls::ClientConfig {

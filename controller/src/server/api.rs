@@ -165,6 +165,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}", get(show_device))
+        .route("/api/v1/devices/{id}/reports", get(device_reports))
         .route("/api/v1/devices/{id}/labels", put(set_labels))
         .route("/api/v1/devices/{id}/assign", post(assign))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
@@ -476,6 +477,38 @@ async fn show_device(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ReportQuery {
+    kind: Option<String>,
+    limit: Option<i64>,
+}
+
+/// A device's stored reports, newest first: each (device, seq) once, as ingested.
+async fn device_reports(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<ReportQuery>,
+) -> ApiResult<impl IntoResponse> {
+    authorize(&app, &headers, Role::Viewer).await?;
+    device_id(&id)?;
+    if let Some(kind) = &q.kind
+        && !["telemetry", "event", "capture"].contains(&kind.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "report kind {kind:?} is unknown; use telemetry, event or capture"
+        )));
+    }
+    app.store.get_device(&id).await?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let reports = app
+        .store
+        .recent_reports(&id, q.kind.as_deref(), limit)
+        .await?;
+    Ok(Json(json!({"device": id, "reports": reports})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Labels {
     labels: BTreeMap<String, String>,
 }
@@ -706,14 +739,7 @@ async fn revoke_device(
         json!({}),
     );
     app.store.revoke_device(app.now_ms(), &id, audit).await?;
-    app.key_cache.forget(&id);
-    if let Some(logins) = &app.logins {
-        logins.deny(&id);
-    }
-    if let Err(err) = app.publisher.clear_assignment(&device).await {
-        tracing::warn!(%err, device = id, "cannot clear the revoked device's assignment");
-    }
-    super::device_api::disconnect(&app, &device).await;
+    super::revocation::cut_off(&app, &device).await;
     Ok(Json(json!({"device": id, "revoked": true})))
 }
 

@@ -109,6 +109,16 @@ pub struct ServeArgs {
         global = true
     )]
     pub mqtt_listen: SocketAddr,
+    /// Where the controller keeps the fleet CA's certificate revocation list (PEM), rewritten
+    /// atomically on start, on every revocation and daily. Point Mosquitto's `crlfile` here
+    /// (`mosquitto-config` does). Default: <data-dir>/pki/crl.pem.
+    #[arg(long, env = "EDGEFLEET_CRL_FILE", global = true)]
+    pub crl_file: Option<PathBuf>,
+    /// A shell command run after each CRL write, to make the broker re-read it (Mosquitto reads
+    /// `crlfile` only at start and on SIGHUP), e.g. `systemctl reload mosquitto`. It gets the
+    /// file's path in EDGEFLEET_CRL_FILE.
+    #[arg(long, env = "EDGEFLEET_CRL_RELOAD_COMMAND", global = true)]
+    pub crl_reload_command: Option<String>,
     /// The broker URL handed to devices at enrollment (default: derived from the above).
     #[arg(long, env = "EDGEFLEET_DEVICE_MQTT_URL", global = true)]
     pub device_mqtt_url: Option<String>,
@@ -167,6 +177,15 @@ pub struct ServeArgs {
         global = true
     )]
     pub rate_limit_per_minute: u32,
+}
+
+impl ServeArgs {
+    /// The CRL file: `--crl-file`, else `<data-dir>/pki/crl.pem`.
+    pub fn crl_path(&self) -> PathBuf {
+        self.crl_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki").join("crl.pem"))
+    }
 }
 
 #[cfg(test)]

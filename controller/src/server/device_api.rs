@@ -12,10 +12,10 @@ use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use edgefleet_protocol::DeviceMacKey;
 use edgefleet_protocol::enroll::{
     ENROLL_PATH, ENROLL_VERSION, EnrollError, EnrollErrorDetail, EnrollRequest, EnrollResponse,
 };
-use edgefleet_protocol::{DeviceId, DeviceMacKey};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::json;
@@ -144,6 +144,16 @@ async fn enroll(
             StatusCode::FORBIDDEN,
             "bad_token",
             "the enrollment token is malformed; copy it again from `edgefleet enroll-token create`",
+        );
+    }
+    if super::pki::reserved_device_id(req.device.as_str()) {
+        return enroll_error(
+            StatusCode::BAD_REQUEST,
+            "reserved_device_id",
+            format!(
+                "device id {:?} is reserved for the controller's own certificates; enroll under another id",
+                req.device.as_str()
+            ),
         );
     }
     let cert = match app.ca.sign_device_csr(&req.csr_pem, req.device.as_str()) {
@@ -334,55 +344,6 @@ async fn bundle(
         builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
     }
     builder.body(Body::from_stream(stream)).unwrap_or_default()
-}
-
-/// Cuts a revoked device off the embedded broker: connecting with its client id makes the
-/// broker drop the device's session; its login is already gone, so it cannot come back.
-pub async fn disconnect(app: &App, id: &DeviceId) {
-    let Some(logins) = &app.logins else {
-        return;
-    };
-    let secret = super::auth::new_secret();
-    logins.allow(id.as_str(), secret.clone());
-    let result = kick(app, id, &secret).await;
-    logins.deny(id.as_str());
-    if let Err(err) = result {
-        tracing::warn!(%err, device = %id, "could not take over the revoked device's MQTT session");
-    }
-}
-
-async fn kick(app: &App, id: &DeviceId, secret: &str) -> anyhow::Result<()> {
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions, mqttbytes::v5::Packet};
-    let identity = app
-        .ca
-        .identity("controller", super::pki::CONTROLLER_CN, &[], false)?;
-    let client_cfg = super::pki::client_config(&app.ca, &identity)?;
-    let url = app.device_mqtt_url.trim_start_matches("mqtts://");
-    let (host, port) = url.rsplit_once(':').unwrap_or((url, "8883"));
-    let mut options = MqttOptions::new(
-        id.as_str(),
-        host.trim_matches(['[', ']']),
-        port.parse().unwrap_or(8883),
-    );
-    options.set_credentials(id.as_str(), secret);
-    options.set_keep_alive(Duration::from_secs(5));
-    options.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-        Arc::new(client_cfg),
-    )));
-    let (client, mut eventloop) = AsyncClient::new(options, 8);
-    let connected = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(err) => return Err(anyhow::anyhow!(err)),
-            }
-        }
-    })
-    .await;
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
-    connected.map_err(|_| anyhow::anyhow!("timed out"))?
 }
 
 #[cfg(test)]

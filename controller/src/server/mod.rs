@@ -14,6 +14,7 @@
 //! | `registry` | model upload, validation, signing, storage |
 //! | `device_api` | the HTTPS endpoint devices use: enrollment, bundle downloads (Range) |
 //! | `refresh` | re-signs assignments before they expire |
+//! | `revocation` | cutting a revoked device off: CRL, broker reload, session takeover |
 //! | `ratelimit`, `metrics` | request rate limits, Prometheus counters |
 
 pub mod api;
@@ -30,6 +31,7 @@ pub mod pki;
 pub mod ratelimit;
 pub mod refresh;
 pub mod registry;
+pub mod revocation;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -44,7 +46,7 @@ use self::auth::Role;
 use self::config::{MqttMode, ServeArgs};
 use self::keys::ControllerKeys;
 use self::metrics::Metrics;
-use self::mqtt::{KeyCache, Publisher};
+use self::mqtt::{KeyCache, Publisher, Takeover};
 use self::pki::FleetCa;
 use self::store::Store;
 
@@ -58,6 +60,8 @@ pub struct App {
     /// The embedded broker's login table (None with an external broker).
     pub logins: Option<broker::Logins>,
     pub metrics: Arc<Metrics>,
+    /// The CRL and the MQTT session takeover that cut revoked devices off.
+    pub revocation: revocation::Revocation,
     pub clock: Arc<dyn Clock>,
     pub limits: ratelimit::Limits,
     pub data_dir: PathBuf,
@@ -161,19 +165,36 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
         l.allow(&client_name, secret.clone());
         (client_name.clone(), secret)
     });
+    let tls = pki::client_config(&ca, &client_id)?;
+    let takeover = Takeover::new(mqtt_host.clone(), mqtt_port, tls.clone(), logins.clone());
+    let revocation = revocation::Revocation::new(
+        args.crl_path(),
+        args.crl_reload_command.clone(),
+        takeover.clone(),
+    );
+    revocation
+        .publish_crl(&store, &ca, clock.now().as_millis() as i64)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot write the certificate revocation list {} (--crl-file)",
+                revocation.crl_path().display()
+            )
+        })?;
     let publisher = mqtt::start(
         mqtt::MqttSettings {
             host: mqtt_host.clone(),
             port: mqtt_port,
             client_id: client_name,
             login,
-            tls: pki::client_config(&ca, &client_id)?,
+            tls,
             shared: embedded_addr.is_none(),
         },
         store.clone(),
         key_cache.clone(),
         clock.clone(),
         metrics.clone(),
+        takeover,
     );
 
     let api_listener = tokio::net::TcpListener::bind(args.listen)
@@ -209,6 +230,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
         key_cache,
         logins,
         metrics,
+        revocation,
         clock,
         limits: ratelimit::Limits::new(args.rate_limit_per_minute),
         data_dir,
@@ -218,6 +240,22 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
     });
     bootstrap_admin(&app, args).await?;
     refresh::spawn(app.clone());
+
+    let refresh = app.clone();
+    tokio::spawn(async move {
+        let mut every_day = tokio::time::interval(revocation::CRL_REFRESH);
+        every_day.tick().await; // the first tick is now; the list was just written
+        loop {
+            every_day.tick().await;
+            if let Err(err) = refresh
+                .revocation
+                .publish_crl(&refresh.store, &refresh.ca, refresh.now_ms())
+                .await
+            {
+                tracing::error!(error = %format!("{err:#}"), "cannot re-sign the certificate revocation list; it lapses {} days after the last one and a broker using it then refuses every device", pki::CRL_DAYS);
+            }
+        }
+    });
 
     let router = api::router(app.clone());
     tokio::spawn(async move {

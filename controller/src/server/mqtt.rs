@@ -2,7 +2,8 @@
 //! Mosquitto or EMQX). Reports arrive on shared subscriptions so replicas split the load; each is
 //! opened with its device's MAC key, committed in batches idempotently on (device, seq), and only
 //! then acknowledged. Assignments are published retained and re-published on every ConnAck. The
-//! poll task never awaits a publish (rumqttc would deadlock); other tasks do.
+//! poll task never awaits a publish (rumqttc would deadlock); other tasks do. A revoked device
+//! that still gets a message through has its session taken over ([`Takeover`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
+use super::broker::Logins;
 use super::metrics::Metrics;
 use super::store::{Report, StatusUpdate, Store};
 
@@ -58,10 +60,18 @@ impl Publisher {
     }
 }
 
-/// The per-device keys the ingest needs, cached; revoked devices map to `None`.
+/// What the ingest knows about a device.
+#[derive(Debug, Clone)]
+enum Known {
+    Active(DeviceMacKey),
+    Revoked,
+    Unknown,
+}
+
+/// The per-device keys the ingest needs, cached.
 #[derive(Debug, Default)]
 pub struct KeyCache {
-    keys: std::sync::Mutex<HashMap<String, Option<DeviceMacKey>>>,
+    keys: std::sync::Mutex<HashMap<String, Known>>,
 }
 
 impl KeyCache {
@@ -72,7 +82,7 @@ impl KeyCache {
             .remove(device);
     }
 
-    async fn get(&self, store: &Store, device: &str) -> Option<DeviceMacKey> {
+    async fn get(&self, store: &Store, device: &str) -> Known {
         if let Some(hit) = self
             .keys
             .lock()
@@ -81,21 +91,123 @@ impl KeyCache {
         {
             return hit.clone();
         }
-        let key = match store.device_key(device).await {
+        let known = match store.device_key(device).await {
+            Ok(Some((_, true))) => Known::Revoked,
             Ok(Some((bytes, false))) => <[u8; 32]>::try_from(bytes.as_slice())
-                .ok()
-                .map(DeviceMacKey),
-            Ok(_) => None,
+                .map_or(Known::Unknown, |key| Known::Active(DeviceMacKey(key))),
+            Ok(None) => Known::Unknown,
             Err(err) => {
                 tracing::warn!(%err, device, "cannot load the device key");
-                return None;
+                return Known::Unknown;
             }
         };
         self.keys
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(device.to_owned(), key.clone());
-        key
+            .insert(device.to_owned(), known.clone());
+        known
+    }
+}
+
+/// How often at most the ingest takes over the session of a revoked device that still sends.
+const RETAKE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Ends a device's MQTT session: a client that connects with the same client id makes the broker
+/// close the older connection (MQTT session takeover). Mosquitto does this whatever identity the
+/// newcomer presents, and so does rumqttd; the controller connects with its own certificate, and
+/// on the embedded broker logs in with a one-time secret allowed for that client id meanwhile.
+/// Only for revoked devices: on the embedded broker the device's login is removed afterwards.
+#[derive(Debug, Clone)]
+pub struct Takeover {
+    host: String,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    /// The embedded broker's login table (None with an external broker).
+    logins: Option<Logins>,
+    /// When each revoked device's session was last taken over.
+    last: Arc<std::sync::Mutex<HashMap<DeviceId, tokio::time::Instant>>>,
+}
+
+impl Takeover {
+    pub fn new(host: String, port: u16, tls: rustls::ClientConfig, logins: Option<Logins>) -> Self {
+        Self {
+            host,
+            port,
+            tls: Arc::new(tls),
+            logins,
+            last: Arc::default(),
+        }
+    }
+
+    /// For a message from a revoked device (it reconnected before the broker re-read the CRL,
+    /// or the broker does not use one; or it is the will the broker sent when its session was
+    /// taken over): takes its session over again, unless that happened within
+    /// `RETAKE_INTERVAL`.
+    fn retake(&self, device: &DeviceId) {
+        let now = tokio::time::Instant::now();
+        {
+            let mut last = self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last
+                .get(device)
+                .is_some_and(|at| now.duration_since(*at) < RETAKE_INTERVAL)
+            {
+                return;
+            }
+            last.insert(device.clone(), now);
+        }
+        let (takeover, device) = (self.clone(), device.clone());
+        tokio::spawn(async move {
+            match takeover.disconnect_revoked(&device).await {
+                Ok(()) => tracing::info!(%device, "ended a revoked device's MQTT session again"),
+                Err(err) => {
+                    tracing::warn!(%err, %device, "cannot end a revoked device's MQTT session")
+                }
+            }
+        });
+    }
+
+    pub async fn disconnect_revoked(&self, device: &DeviceId) -> Result<()> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(device.clone(), tokio::time::Instant::now());
+        let secret = self.logins.as_ref().map(|logins| {
+            let secret = super::auth::new_secret();
+            logins.allow(device.as_str(), secret.clone());
+            secret
+        });
+        let result = self.connect_once(device, secret.as_deref()).await;
+        if let Some(logins) = &self.logins {
+            logins.deny(device.as_str());
+        }
+        result
+    }
+
+    async fn connect_once(&self, device: &DeviceId, secret: Option<&str>) -> Result<()> {
+        let mut options = MqttOptions::new(device.as_str(), self.host.clone(), self.port);
+        if let Some(secret) = secret {
+            options.set_credentials(device.as_str(), secret);
+        }
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_clean_start(true);
+        options.set_transport(Transport::Tls(TlsConfiguration::Rustls(self.tls.clone())));
+        let (client, mut eventloop) = AsyncClient::new(options, 8);
+        let connected = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(err) => return Err(anyhow::anyhow!(err)),
+                }
+            }
+        })
+        .await;
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+        connected.map_err(|_| anyhow::anyhow!("no CONNACK from the broker within 10 s"))?
     }
 }
 
@@ -112,6 +224,7 @@ pub fn start(
     keys: Arc<KeyCache>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    takeover: Takeover,
 ) -> Publisher {
     let mut options = MqttOptions::new(
         settings.client_id.clone(),
@@ -214,9 +327,17 @@ pub fn start(
             if payload.is_empty() {
                 continue; // a cleared retained message
             }
-            let Some(key) = keys.get(&open_store, parsed.device.as_str()).await else {
-                open_metrics.rejected("unknown_or_revoked_device");
-                continue;
+            let key = match keys.get(&open_store, parsed.device.as_str()).await {
+                Known::Active(key) => key,
+                Known::Unknown => {
+                    open_metrics.rejected("unknown_device");
+                    continue;
+                }
+                Known::Revoked => {
+                    open_metrics.rejected("revoked_device");
+                    takeover.retake(&parsed.device);
+                    continue;
+                }
             };
             let message = match DeviceMessage::open(&key, &parsed.device, &payload) {
                 Ok(message) => message,

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -18,8 +19,30 @@ use crate::fsutil;
 
 /// The controller's MQTT identity (certificate common name).
 pub const CONTROLLER_CN: &str = "edgefleet-controller";
+/// Whether `device` would name one of the controller's own certificates (`edgefleet-controller`,
+/// `edgefleet-controller-server`, …). Enrollment refuses such ids: Mosquitto's ACL grants the
+/// controller's name every fleet topic, and the embedded broker keeps the controller's login under
+/// a client id with that prefix.
+pub fn reserved_device_id(device: &str) -> bool {
+    device.starts_with(CONTROLLER_CN)
+}
+
 /// How long device certificates are valid.
 pub const DEVICE_CERT_DAYS: i64 = 365;
+
+/// How long a certificate revocation list is valid. The controller re-signs it on start, on every
+/// revocation and once a day, so it only lapses if the controller stays down this long; a broker
+/// holding a lapsed CRL refuses every device.
+pub const CRL_DAYS: i64 = 365;
+
+/// A revoked device certificate, as the CRL lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedCert {
+    /// The certificate's serial number in hex, as stored at enrollment.
+    pub serial: String,
+    /// When the device was revoked (UTC ms).
+    pub revoked_at: i64,
+}
 
 /// PEM files of one certificate and its key.
 #[derive(Debug, Clone)]
@@ -182,6 +205,61 @@ impl FleetCa {
         Ok(id)
     }
 
+    /// A certificate revocation list of `revoked`, signed by the fleet CA and issued at `now_ms`
+    /// (also its CRL number, so later lists have higher numbers).
+    pub fn crl_pem(&self, revoked: &[RevokedCert], now_ms: i64) -> Result<String> {
+        let at = |ms: i64| {
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .with_context(|| format!("timestamp {ms} ms is out of range"))
+        };
+        let this_update = at(now_ms)?;
+        let revoked_certs = revoked
+            .iter()
+            .map(|cert| {
+                let serial = hex::decode(&cert.serial).with_context(|| {
+                    format!("the stored certificate serial {:?} is not hex", cert.serial)
+                })?;
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial),
+                    revocation_time: at(cert.revoked_at)?,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let params = CertificateRevocationListParams {
+            this_update,
+            next_update: this_update + Duration::days(CRL_DAYS),
+            crl_number: SerialNumber::from(now_ms.max(1).unsigned_abs()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            // The authority key identifier must equal the CA certificate's own, or verifiers
+            // (OpenSSL in Mosquitto) cannot match the list to the CA.
+            key_identifier_method: self
+                .subject_key_id()
+                .map_or(KeyIdMethod::Sha256, KeyIdMethod::PreSpecified),
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .context("cannot sign the certificate revocation list with the fleet CA")?;
+        crl.pem()
+            .context("cannot encode the certificate revocation list")
+    }
+
+    /// The CA certificate's subject key identifier.
+    fn subject_key_id(&self) -> Option<Vec<u8>> {
+        let der = CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+        cert.extensions()
+            .iter()
+            .find_map(|ext| match ext.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                    Some(id.0.to_vec())
+                }
+                _ => None,
+            })
+    }
+
     pub fn roots(&self) -> Result<rustls::RootCertStore> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
@@ -255,4 +333,88 @@ pub fn common_name(der: &[u8]) -> Option<String> {
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::pki_types::{CertificateRevocationListDer, UnixTime};
+
+    use super::*;
+
+    fn device_cert(ca: &FleetCa, device: &str) -> DeviceCert {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, device);
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        ca.sign_device_csr(&csr, device).unwrap()
+    }
+
+    /// What a TLS server holding the CRL decides about `cert` (rustls/webpki, as strict as
+    /// OpenSSL about the issuer, the signature and the authority key identifier).
+    fn verdict(ca: &FleetCa, crl_pem: &str, cert: &DeviceCert) -> Result<(), rustls::Error> {
+        let crl = CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(ca.roots().unwrap()),
+            provider(),
+        )
+        .with_crls([crl])
+        .build()
+        .unwrap();
+        let der = CertificateDer::from_pem_slice(cert.pem.as_bytes()).unwrap();
+        verifier
+            .verify_client_cert(&der, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn the_crl_revokes_exactly_the_listed_device_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FleetCa::open_or_create(dir.path()).unwrap();
+        let (revoked, kept) = (device_cert(&ca, "pump-01"), device_cert(&ca, "pump-02"));
+        let now_ms = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+
+        let empty = ca.crl_pem(&[], now_ms).unwrap();
+        assert_eq!(verdict(&ca, &empty, &revoked), Ok(()));
+
+        let listed = [RevokedCert {
+            serial: revoked.serial.clone(),
+            revoked_at: now_ms - 1000,
+        }];
+        // Reopened from disk, as after a restart: the list still matches the CA.
+        let ca = FleetCa::open_or_create(dir.path()).unwrap();
+        let crl = ca.crl_pem(&listed, now_ms).unwrap();
+        assert_eq!(
+            verdict(&ca, &crl, &revoked),
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked
+            ))
+        );
+        assert_eq!(verdict(&ca, &crl, &kept), Ok(()));
+    }
+
+    #[test]
+    fn the_controllers_names_are_reserved() {
+        for reserved in [
+            CONTROLLER_CN,
+            "edgefleet-controller-server",
+            "edgefleet-controller-c_1",
+        ] {
+            assert!(reserved_device_id(reserved), "{reserved}");
+        }
+        for allowed in ["pump-01", "edgefleet-pump", "my-edgefleet-controller"] {
+            assert!(!reserved_device_id(allowed), "{allowed}");
+        }
+    }
+
+    #[test]
+    fn a_stored_serial_that_is_not_hex_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FleetCa::open_or_create(dir.path()).unwrap();
+        let bad = [RevokedCert {
+            serial: "zz".into(),
+            revoked_at: 0,
+        }];
+        let err = ca.crl_pem(&bad, 1).unwrap_err();
+        assert!(format!("{err:#}").contains("not hex"), "{err:#}");
+    }
 }

@@ -638,6 +638,19 @@ impl Store {
         .await
     }
 
+    /// The certificates of revoked devices (serial, revocation time), for the CRL.
+    pub async fn revoked_certificates(&self) -> Result<Vec<(String, i64)>> {
+        sqlx::query(
+            "SELECT cert_serial, revoked_at FROM devices WHERE revoked_at IS NOT NULL \
+             ORDER BY revoked_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("cert_serial")?, r.try_get("revoked_at")?)))
+        .collect()
+    }
+
     /// A device's MAC key and whether it is revoked (what the ingest's key cache holds).
     pub async fn device_key(&self, id: &str) -> Result<Option<(Vec<u8>, bool)>> {
         let row = sqlx::query("SELECT mac_key, revoked_at FROM devices WHERE id = $1")

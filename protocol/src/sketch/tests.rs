@@ -119,3 +119,14 @@ proptest! {
         prop_assert_eq!((sa.min.to_bits(), sa.max.to_bits()), (all.min.to_bits(), all.max.to_bits()));
     }
 }
+
+#[test]
+fn an_empty_sketch_survives_json_and_cbor() {
+    let empty = FeatureSketch::new(10);
+    let json = serde_json::to_string(&empty).unwrap();
+    assert!(json.contains(r#""min":null,"max":null"#), "{json}");
+    assert_eq!(serde_json::from_str::<FeatureSketch>(&json).unwrap(), empty);
+    let cbor = crate::codec::encode(&empty);
+    let decoded: FeatureSketch = crate::codec::decode("sketch", &cbor, cbor.len()).unwrap();
+    assert_eq!(decoded, empty);
+}
