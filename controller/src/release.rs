@@ -26,7 +26,7 @@ use edgefleet_protocol::{
     Arch, ModelName, ModelVersion, SecretKey, Sha256Digest, TensorName, Timestamp,
 };
 use edgefleet_runtime::{GOLDEN_COUNT, LoadedModel, ModelInfo, ReferenceRows, RuntimeError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
 
@@ -86,6 +86,21 @@ impl ReleaseError {
         }
     }
 
+    /// Every code [`ReleaseError::code`] gives, for mapping a code that crossed a process
+    /// boundary back to its `'static` form.
+    pub const CODES: [&'static str; 10] = [
+        "io_error",
+        "invalid_model",
+        "unsupported_op",
+        "unsupported_dtype",
+        "schema_mismatch",
+        "bad_reference",
+        "bad_golden",
+        "model_failed",
+        "invalid_manifest",
+        "payload_changed",
+    ];
+
     /// Whether what was submitted is at fault (as opposed to this machine's files or disk).
     pub fn is_input_error(&self) -> bool {
         !matches!(
@@ -109,7 +124,7 @@ impl ReleaseError {
 }
 
 /// A document given to the build: a file, or bytes (an upload) with a label for messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SpecFile {
     Path(PathBuf),
     Bytes { label: String, bytes: Vec<u8> },
@@ -135,7 +150,7 @@ impl SpecFile {
 }
 
 /// Everything about a release besides the model file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReleaseSpec {
     pub name: ModelName,
     pub version: ModelVersion,

@@ -94,6 +94,8 @@ impl Ctl {
             admin_token: None,
             max_upload_mib: 512,
             rate_limit_per_minute: 600,
+            validation_memory_mib: 4096,
+            validator: Some(PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-controller"))),
         };
         adjust(&mut args);
         let running = bounded(
@@ -383,16 +385,7 @@ async fn roles_limit_what_a_token_may_do_and_revoked_tokens_stop_working() {
     assert_eq!(body, json!({"models": []}));
 
     // ... and changes nothing.
-    let got = ctl
-        .upload(
-            &viewer,
-            form(
-                Some(metadata("pump-anomaly", "1.0.0")),
-                Some(demo_model()),
-                None,
-            ),
-        )
-        .await;
+    let got = ctl.upload(&viewer, demo_upload("1.0.0")).await;
     assert_error(
         &got,
         StatusCode::FORBIDDEN,
@@ -489,16 +482,7 @@ async fn model_uploads_are_validated_and_refusals_leave_nothing_behind() {
     let uploads = ctl.data_dir().join("uploads");
 
     // The real model registers, signed by the online release key.
-    let (status, good) = ctl
-        .upload(
-            &admin,
-            form(
-                Some(metadata("pump-anomaly", "1.0.0")),
-                Some(demo_model()),
-                None,
-            ),
-        )
-        .await;
+    let (status, good) = ctl.upload(&admin, demo_upload("1.0.0")).await;
     assert_eq!(status, StatusCode::CREATED, "{good}");
     assert_eq!(good["name"], "pump-anomaly");
     assert_eq!(good["version"], "1.0.0");
@@ -511,16 +495,7 @@ async fn model_uploads_are_validated_and_refusals_leave_nothing_behind() {
     assert_eq!(before["bundles"].as_array().unwrap().len(), 1);
 
     // The same name and version again.
-    let got = ctl
-        .upload(
-            &admin,
-            form(
-                Some(metadata("pump-anomaly", "1.0.0")),
-                Some(demo_model()),
-                None,
-            ),
-        )
-        .await;
+    let got = ctl.upload(&admin, demo_upload("1.0.0")).await;
     assert_error(
         &got,
         StatusCode::CONFLICT,
@@ -631,18 +606,18 @@ async fn model_uploads_are_validated_and_refusals_leave_nothing_behind() {
     );
 }
 
+/// The demo model as pump-anomaly `version`, with no reference data.
+fn demo_upload(version: &str) -> Form {
+    form(
+        Some(metadata("pump-anomaly", version)),
+        Some(demo_model()),
+        None,
+    )
+}
+
 /// Registers the demo model as pump-anomaly 1.0.0; returns its digest.
 async fn register_good_model(ctl: &Ctl) -> String {
-    let (status, good) = ctl
-        .upload(
-            &ctl.admin,
-            form(
-                Some(metadata("pump-anomaly", "1.0.0")),
-                Some(demo_model()),
-                None,
-            ),
-        )
-        .await;
+    let (status, good) = ctl.upload(&ctl.admin, demo_upload("1.0.0")).await;
     assert_eq!(status, StatusCode::CREATED, "{good}");
     good["digest"].as_str().unwrap().to_owned()
 }
@@ -1222,4 +1197,23 @@ async fn assignments_are_re_signed_with_the_same_content_before_they_expire() {
         refresh_due(app, much_later).await.unwrap(),
         Refreshed::default()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_crashes_the_validator_is_refused_and_the_controller_keeps_serving() {
+    // The validator child may use 24 MiB of address space: loading any model aborts it, as a
+    // model that exhausts memory or makes the inference library panic would.
+    let ctl = Ctl::start_with(|args| args.validation_memory_mib = 24).await;
+    let before = ctl.snapshot().await;
+    let got = ctl.upload(&ctl.admin, demo_upload("1.0.0")).await;
+    assert_error(
+        &got,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "model_crashed",
+        &["validator", "cannot be run safely"],
+    );
+    ctl.assert_unchanged(&before, "an upload that crashed the validator")
+        .await;
+    let (status, _) = ctl.get("/healthz", None).await;
+    assert_eq!(status, StatusCode::OK);
 }

@@ -7,6 +7,9 @@ use edgefleet_controller::server::config::{ControllerCli, ControllerCommand};
 
 fn main() -> ExitCode {
     let cli = ControllerCli::parse();
+    if let Some(ControllerCommand::ValidateModel) = cli.command {
+        return edgefleet_controller::server::validate::child_main();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
             Some(ControllerCommand::MosquittoConfig(args)) => {
                 edgefleet_controller::server::mosquitto::write_config(&cli.serve, &args)
             }
+            Some(ControllerCommand::ValidateModel) => Ok(()),
         }
     });
     match result {

@@ -28,6 +28,9 @@ pub enum ControllerCommand {
     /// Write a Mosquitto configuration (mTLS, identity as username, per-device ACL) for this
     /// controller's fleet CA, to run the broker in production.
     MosquittoConfig(MosquittoConfigArgs),
+    /// Builds and test-runs one uploaded model in isolation (run by the controller itself).
+    #[command(hide = true)]
+    ValidateModel,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -177,6 +180,17 @@ pub struct ServeArgs {
         global = true
     )]
     pub rate_limit_per_minute: u32,
+    /// Address-space limit of the child process that validates each uploaded model, in MiB.
+    #[arg(
+        long,
+        env = "EDGEFLEET_VALIDATION_MEMORY_MIB",
+        default_value_t = crate::server::validate::DEFAULT_MEMORY_MIB,
+        global = true
+    )]
+    pub validation_memory_mib: u64,
+    /// The executable run as `<it> validate-model` for each upload (default: this program).
+    #[arg(long, env = "EDGEFLEET_VALIDATOR", global = true, hide = true)]
+    pub validator: Option<PathBuf>,
 }
 
 impl ServeArgs {

@@ -15,6 +15,7 @@
 //! | `device_api` | the HTTPS endpoint devices use: enrollment, bundle downloads (Range) |
 //! | `refresh` | re-signs assignments before they expire |
 //! | `revocation` | cutting a revoked device off: CRL, broker reload, session takeover |
+//! | `validate` | uploaded models built and test-run in a memory- and time-limited child process |
 //! | `ratelimit`, `metrics` | request rate limits, Prometheus counters |
 
 pub mod api;
@@ -33,6 +34,7 @@ pub mod refresh;
 pub mod registry;
 pub mod revocation;
 pub mod store;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,6 +72,9 @@ pub struct App {
     /// The broker URL handed to devices at enrollment, `mqtts://host:port`.
     pub device_mqtt_url: String,
     pub max_upload_bytes: u64,
+    /// Run as `<validator> validate-model` for each upload.
+    pub validator: PathBuf,
+    pub validation_memory_mib: u64,
 }
 
 impl std::fmt::Debug for App {
@@ -237,6 +242,12 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
         device_url,
         device_mqtt_url,
         max_upload_bytes: args.max_upload_mib.saturating_mul(1024 * 1024),
+        validator: match &args.validator {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .context("cannot find this program's path to run the model validator")?,
+        },
+        validation_memory_mib: args.validation_memory_mib,
     });
     bootstrap_admin(&app, args).await?;
     refresh::spawn(app.clone());

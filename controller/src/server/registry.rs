@@ -29,6 +29,7 @@ use super::api::{ApiError, ApiResult, authorize};
 use super::audit::AuditEntry;
 use super::auth::Role;
 use super::store::{ModelRow, StoreError};
+use super::validate::ValidationError;
 use crate::release::{self, ReleaseSpec, SpecFile};
 
 const MAX_REFERENCE_BYTES: usize = 64 * 1024 * 1024;
@@ -104,6 +105,14 @@ pub struct RuntimeMetadata {
 
 fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+/// A release error code reported by the validator process, as the registry's `'static` code.
+fn refusal_code(code: &str) -> &'static str {
+    release::ReleaseError::CODES
+        .into_iter()
+        .find(|known| *known == code)
+        .unwrap_or("invalid_model")
 }
 
 fn release_error(err: release::ReleaseError) -> ApiError {
@@ -249,6 +258,24 @@ async fn register(
     let spec = spec_from(&app, metadata, reference, golden, &file_name).await?;
     let now = app.clock.now();
     let model_path = temp.0.clone();
+    super::validate::check(
+        &app.validator,
+        &model_path,
+        &spec,
+        now,
+        app.validation_memory_mib,
+    )
+    .await
+    .map_err(|err| match err {
+        ValidationError::Refused { code, message } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            refusal_code(&code),
+            message,
+        ),
+        ValidationError::Crashed(_) => unprocessable("model_crashed", err.to_string()),
+        ValidationError::TimedOut(_) => unprocessable("validation_timeout", err.to_string()),
+        ValidationError::Internal(_) => ApiError::internal(err),
+    })?;
     let built =
         tokio::task::spawn_blocking(move || release::build_release(&model_path, &spec, now))
             .await
