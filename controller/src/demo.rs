@@ -392,6 +392,8 @@ pub async fn run(serve: &ServeArgs, args: &DemoArgs) -> Result<()> {
         tokio::signal::ctrl_c().await?;
     }
     drop(agents);
+    // Let the agents' last wills ("offline") reach the store before it closes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     app.store.close().await;
     Ok(())
 }

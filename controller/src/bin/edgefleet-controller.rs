@@ -10,10 +10,16 @@ fn main() -> ExitCode {
     if let Some(ControllerCommand::ValidateModel) = cli.command {
         return edgefleet_controller::server::validate::child_main();
     }
+    // The demo prints its own progress; the embedded broker reports every agent it stops as a
+    // dropped connection, which is noise there.
+    let default_log = match cli.command {
+        Some(ControllerCommand::Demo(_)) => "warn,rumqttd=off,rumqttc=off,sqlx=warn",
+        _ => "info,rumqttd=warn,rumqttc=warn,sqlx=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
-                .unwrap_or_else(|_| "info,rumqttd=warn,rumqttc=warn,sqlx=warn".into()),
+                .unwrap_or_else(|_| default_log.into()),
         )
         .with_writer(std::io::stderr)
         .init();
