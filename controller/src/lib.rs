@@ -4,4 +4,5 @@ pub mod cli;
 pub mod demo;
 pub mod fsutil;
 pub mod release;
+pub mod rollout;
 pub mod server;
