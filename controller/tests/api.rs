@@ -1217,3 +1217,81 @@ async fn a_model_that_crashes_the_validator_is_refused_and_the_controller_keeps_
     let (status, _) = ctl.get("/healthz", None).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_state_and_outbox_commit_together_and_stale_writers_are_refused() {
+    use edgefleet_controller::server::audit::AuditEntry;
+    use edgefleet_controller::server::store::{RolloutChange, RolloutRow, StoreError};
+
+    let ctl = Ctl::start().await;
+    let baseline = register_good_model(&ctl).await;
+    let (status, candidate) = ctl.upload(&ctl.admin, demo_upload("2.0.0")).await;
+    assert_eq!(status, StatusCode::CREATED, "{candidate}");
+    let candidate = candidate["digest"].as_str().unwrap().to_owned();
+    let store = &ctl.running.app.store;
+    let change = |phase: &str, actions: &[&str]| RolloutChange {
+        phase: phase.into(),
+        state: json!({"phase": phase}),
+        next_deadline: Some(1_000),
+        outbox: actions.iter().map(|a| (*a).to_owned()).collect(),
+    };
+    let row = RolloutRow {
+        id: "ro_1".into(),
+        candidate: candidate.clone(),
+        baseline: baseline.clone(),
+        phase: String::new(),
+        state: Value::Null,
+        version: 0,
+        next_deadline: None,
+        created_by: "token:admin".into(),
+        created_at: 0,
+        updated_at: 0,
+    };
+    let audit = || AuditEntry::new("token:admin", "rollout.start", "rollout:ro_1", json!({}));
+    store
+        .create_rollout(10, &row, change("installing", &["a1", "a2"]), audit())
+        .await
+        .unwrap();
+    let saved = store.get_rollout("ro_1").await.unwrap();
+    assert_eq!(
+        (
+            saved.version,
+            saved.phase.as_str(),
+            saved.state["phase"].as_str()
+        ),
+        (1, "installing", Some("installing"))
+    );
+
+    // The next state and its actions land together; a writer holding the old version is refused
+    // and changes nothing.
+    let v2 = store
+        .save_rollout(20, "ro_1", 1, change("baking", &["a3"]), None)
+        .await
+        .unwrap();
+    assert_eq!(v2, 2);
+    let stale = store
+        .save_rollout(30, "ro_1", 1, change("completed", &["a4"]), Some(audit()))
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    let saved = store.get_rollout("ro_1").await.unwrap();
+    assert_eq!((saved.version, saved.phase.as_str()), (2, "baking"));
+    let outbox = store.rollout_outbox("ro_1").await.unwrap();
+    assert_eq!(
+        outbox,
+        vec![(1, "a1".into()), (2, "a2".into()), (3, "a3".into())]
+    );
+
+    // Carried-out actions leave the outbox; numbering continues after them.
+    store.outbox_done("ro_1", 1).await.unwrap();
+    store.outbox_done("ro_1", 2).await.unwrap();
+    store
+        .save_rollout(40, "ro_1", 2, change("completed", &["a5"]), Some(audit()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.rollout_outbox("ro_1").await.unwrap(),
+        vec![(3, "a3".into()), (4, "a5".into())]
+    );
+    assert_eq!(store.list_rollouts().await.unwrap().len(), 1);
+    assert_eq!(ctl.verify().await["ok"], true);
+}

@@ -200,6 +200,46 @@ fn device_row(row: &AnyRow) -> Result<DeviceRow> {
 const MODEL_COLUMNS: &str = "digest, name, version, release_counter, signed_manifest, \
      manifest_json, signatures, bundle_size, bundle_path, parent, created_by, created_at";
 
+/// A rollout: the engine's state (JSON) and its compare-and-set version.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RolloutRow {
+    pub id: String,
+    pub candidate: String,
+    pub baseline: String,
+    pub phase: String,
+    pub state: serde_json::Value,
+    pub version: i64,
+    pub next_deadline: Option<i64>,
+    pub created_by: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A rollout's state change: the new state and the actions to carry out, committed together.
+#[derive(Debug, Clone)]
+pub struct RolloutChange {
+    pub phase: String,
+    pub state: serde_json::Value,
+    pub next_deadline: Option<i64>,
+    /// Actions (JSON) appended to the rollout's outbox.
+    pub outbox: Vec<String>,
+}
+
+fn rollout_row(row: &AnyRow) -> Result<RolloutRow> {
+    Ok(RolloutRow {
+        id: row.try_get("id")?,
+        candidate: row.try_get("candidate")?,
+        baseline: row.try_get("baseline")?,
+        phase: row.try_get("phase")?,
+        state: json_col(row, "state")?,
+        version: row.try_get("version")?,
+        next_deadline: row.try_get("next_deadline")?,
+        created_by: row.try_get("created_by")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
 fn model_row(row: &AnyRow) -> Result<ModelRow> {
     Ok(ModelRow {
         digest: row.try_get("digest")?,
@@ -974,6 +1014,116 @@ impl Store {
         .collect()
     }
 
+    // ---- rollouts ----
+
+    /// Creates a rollout at version 1 with its first actions in the outbox.
+    pub async fn create_rollout(
+        &self,
+        now: i64,
+        row: &RolloutRow,
+        change: RolloutChange,
+        audit: AuditEntry,
+    ) -> Result<()> {
+        let row = row.clone();
+        self.write(now, Some(audit), move |tx| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO rollouts (id, candidate, baseline, phase, state, version, \
+                     next_deadline, created_by, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, $8)",
+                )
+                .bind(&row.id)
+                .bind(&row.candidate)
+                .bind(&row.baseline)
+                .bind(&change.phase)
+                .bind(change.state.to_string())
+                .bind(change.next_deadline)
+                .bind(&row.created_by)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+                append_outbox(tx, &row.id, &change.outbox).await
+            })
+        })
+        .await
+    }
+
+    /// Replaces a rollout's state if it is still at `version` (else `Conflict`: another writer
+    /// moved it), appends the actions to its outbox, and returns the new version.
+    pub async fn save_rollout(
+        &self,
+        now: i64,
+        id: &str,
+        version: i64,
+        change: RolloutChange,
+        audit: Option<AuditEntry>,
+    ) -> Result<i64> {
+        let id = id.to_owned();
+        self.write(now, audit, move |tx| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE rollouts SET phase = $1, state = $2, next_deadline = $3, \
+                     version = version + 1, updated_at = $4 WHERE id = $5 AND version = $6",
+                )
+                .bind(&change.phase)
+                .bind(change.state.to_string())
+                .bind(change.next_deadline)
+                .bind(now)
+                .bind(&id)
+                .bind(version)
+                .execute(&mut **tx)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "rollout {id:?} is not at version {version} any more"
+                    )));
+                }
+                append_outbox(tx, &id, &change.outbox).await?;
+                Ok(version + 1)
+            })
+        })
+        .await
+    }
+
+    pub async fn get_rollout(&self, id: &str) -> Result<RolloutRow> {
+        let row = sqlx::query("SELECT * FROM rollouts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("rollout {id:?}")))?;
+        rollout_row(&row)
+    }
+
+    pub async fn list_rollouts(&self) -> Result<Vec<RolloutRow>> {
+        sqlx::query("SELECT * FROM rollouts ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rollout_row)
+            .collect()
+    }
+
+    /// The rollout's actions not yet carried out, oldest first.
+    pub async fn rollout_outbox(&self, id: &str) -> Result<Vec<(i64, String)>> {
+        sqlx::query("SELECT seq, action FROM rollout_outbox WHERE rollout = $1 ORDER BY seq")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("seq")?, r.try_get("action")?)))
+            .collect()
+    }
+
+    /// Removes one carried-out action from the outbox.
+    pub async fn outbox_done(&self, id: &str, seq: i64) -> Result<()> {
+        sqlx::query("DELETE FROM rollout_outbox WHERE rollout = $1 AND seq = $2")
+            .bind(id)
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     // ---- audit ----
 
     /// Audit rows with `seq > after`, oldest first, at most `limit`.
@@ -996,6 +1146,28 @@ impl Store {
     pub async fn execute_raw(&self, sql: &str) -> Result<u64> {
         Ok(self.pool.execute(sql).await?.rows_affected())
     }
+}
+
+/// Appends `actions` to a rollout's outbox after its last entry.
+async fn append_outbox(
+    tx: &mut Transaction<'static, Any>,
+    rollout: &str,
+    actions: &[String],
+) -> Result<()> {
+    let last: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(seq) FROM rollout_outbox WHERE rollout = $1")
+            .bind(rollout)
+            .fetch_one(&mut **tx)
+            .await?;
+    for (i, action) in actions.iter().enumerate() {
+        sqlx::query("INSERT INTO rollout_outbox (rollout, seq, action) VALUES ($1, $2, $3)")
+            .bind(rollout)
+            .bind(last.unwrap_or(0) + 1 + i as i64)
+            .bind(action)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn append_audit(
