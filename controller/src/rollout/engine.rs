@@ -54,6 +54,11 @@ pub struct Gates {
     pub max_p95_latency_ratio: f64,
     /// Inferences needed on each side before the error and latency gates judge.
     pub min_inferences: u64,
+    /// Highest mean drift score of the candidate's windows (from the drift detector); `None`
+    /// turns the gate off.
+    pub max_drift_score: Option<f64>,
+    /// Drift windows needed before the drift gate judges.
+    pub min_drift_windows: u64,
 }
 
 impl Default for Gates {
@@ -64,6 +69,8 @@ impl Default for Gates {
             max_error_rate_increase: 0.01,
             max_p95_latency_ratio: 1.5,
             min_inferences: 200,
+            max_drift_score: None,
+            min_drift_windows: 3,
         }
     }
 }
@@ -131,7 +138,7 @@ impl Sample {
 }
 
 /// What a device told the controller that matters to the rollout.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DeviceReport {
     Activated(Sha256Digest),
     InstallFailed(Sha256Digest),
@@ -140,6 +147,11 @@ pub enum DeviceReport {
     Telemetry {
         model: Sha256Digest,
         sample: Sample,
+    },
+    /// The drift detector's score for one window of `model` on this device.
+    Drift {
+        model: Sha256Digest,
+        score: f64,
     },
     /// A device that now matches the rollout's selector and runs the baseline.
     Joined,
@@ -159,7 +171,7 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     Tick,
     Device {
@@ -189,6 +201,11 @@ pub enum Breach {
     ProgressDeadline {
         wave: usize,
         pending: usize,
+    },
+    Drift {
+        mean: f64,
+        limit: f64,
+        windows: u64,
     },
 }
 
@@ -220,6 +237,14 @@ impl std::fmt::Display for Breach {
             } => write!(
                 f,
                 "p95 latency {candidate_us} µs vs baseline {baseline_us} µs ({ratio:.2}x)"
+            ),
+            Breach::Drift {
+                mean,
+                limit,
+                windows,
+            } => write!(
+                f,
+                "mean drift score {mean:.3} over {windows} window(s) above {limit:.3}"
             ),
             Breach::ProgressDeadline { wave, pending } => write!(
                 f,
@@ -273,6 +298,9 @@ pub struct Rollout {
     /// Telemetry of the members on each side since the rollout started.
     pub candidate: Sample,
     pub baseline: Sample,
+    /// Drift scores of the candidate's windows: count and sum.
+    pub drift_windows: u64,
+    pub drift_sum: f64,
     /// When recent assignments were issued, for `max_per_minute`.
     issued: VecDeque<Timestamp>,
 }
@@ -302,6 +330,8 @@ impl Rollout {
             },
             candidate: Sample::default(),
             baseline: Sample::default(),
+            drift_windows: 0,
+            drift_sum: 0.0,
             issued: VecDeque::new(),
         };
         let mut actions = vec![Action::Record(format!(
@@ -353,7 +383,7 @@ impl Rollout {
     fn on_device(&mut self, device: &DeviceId, report: DeviceReport, actions: &mut Vec<Action>) {
         let candidate = self.spec.candidate;
         let baseline = self.spec.baseline;
-        if report == DeviceReport::Joined {
+        if matches!(report, DeviceReport::Joined) {
             if self.member(device).is_none() && !self.is_finished() {
                 self.members.push(Member {
                     device: device.clone(),
@@ -381,6 +411,14 @@ impl Rollout {
                 actions.push(Action::Record(format!(
                     "{device}: installing the candidate failed"
                 )));
+            }
+            DeviceReport::Drift { model, score }
+                if model == candidate
+                    && member.state == MemberState::Active
+                    && score.is_finite() =>
+            {
+                self.drift_windows += 1;
+                self.drift_sum += score;
             }
             DeviceReport::Telemetry { model, sample } => {
                 if model == candidate && member.state == MemberState::Active {
@@ -476,6 +514,18 @@ impl Rollout {
                     failed,
                     attempted,
                     rate,
+                });
+            }
+        }
+        if let Some(limit) = gates.max_drift_score
+            && self.drift_windows >= gates.min_drift_windows.max(1)
+        {
+            let mean = self.drift_sum / self.drift_windows as f64;
+            if mean > limit {
+                return Some(Breach::Drift {
+                    mean,
+                    limit,
+                    windows: self.drift_windows,
                 });
             }
         }

@@ -141,6 +141,7 @@ fn describe(report: &DeviceReport) -> String {
             sample.inferences,
             sample.errors
         ),
+        DeviceReport::Drift { model, score } => format!("drift {} {score}", name(model)),
         DeviceReport::Joined => "joined".into(),
     }
 }
@@ -308,6 +309,57 @@ fn failed_installs_and_slow_inference_breach_their_gates() {
 }
 
 #[test]
+fn the_drift_gate_judges_the_mean_score_once_it_has_enough_windows() {
+    let mut s = spec(
+        &[(WaveSize::Count(2), 60_000), (WaveSize::Percent(100), 0)],
+        OnBreach::Abort,
+    );
+    s.gates.max_drift_score = Some(0.2);
+    s.gates.min_drift_windows = 3;
+    let mut t = Trace::start(s, 3, &[]);
+    t.activate(1_000, [0, 1]);
+    for (at, i, score) in [
+        (10_000, 0, 0.5),
+        (11_000, 2, 0.9),
+        (12_000, 1, 0.1),
+        (13_000, 0, 0.3),
+    ] {
+        let m = if i == 2 { BASELINE } else { CANDIDATE };
+        t.device(
+            at,
+            i,
+            DeviceReport::Drift {
+                model: model(m),
+                score,
+            },
+        );
+    }
+    t.check(expect![[r#"
+        t=0s start
+          record: rollout started: 3 member(s), 2 wave(s)
+          assign d0 -> candidate
+          assign d1 -> candidate
+          => Installing { wave: 0, since: Timestamp(0) }
+        t=1s d0: activated candidate
+          => Installing { wave: 0, since: Timestamp(0) }
+        t=1s d1: activated candidate
+          record: wave 1 installed on 2 device(s); baking 60 s
+          => Baking { wave: 0, until: Timestamp(61000) }
+        t=10s d0: drift candidate 0.5
+          => Baking { wave: 0, until: Timestamp(61000) }
+        t=11s d2: drift baseline 0.9
+          => Baking { wave: 0, until: Timestamp(61000) }
+        t=12s d1: drift candidate 0.1
+          => Baking { wave: 0, until: Timestamp(61000) }
+        t=13s d0: drift candidate 0.3
+          record: gate breached: mean drift score 0.300 over 3 window(s) above 0.200; rolling back
+          assign d0 -> baseline (rollback)
+          assign d1 -> baseline (rollback)
+          => Aborted { reason: "gate breached: mean drift score 0.300 over 3 window(s) above 0.200" }
+    "#]]);
+}
+
+#[test]
 fn pause_resume_promote_and_operator_abort() {
     let waves = [
         (WaveSize::Count(1), 600_000),
@@ -454,6 +506,10 @@ fn assignments_are_paced_to_max_per_minute() {
 
 fn any_input(devices: usize) -> impl Strategy<Value = (u64, Input)> {
     let report = prop_oneof![
+        (any::<bool>(), 0.0f64..1.0).prop_map(|(c, score)| DeviceReport::Drift {
+            model: model(if c { CANDIDATE } else { BASELINE }),
+            score
+        }),
         any::<bool>().prop_map(|c| DeviceReport::Activated(model(if c {
             CANDIDATE
         } else {
