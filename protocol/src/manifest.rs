@@ -126,6 +126,17 @@ pub struct TensorSpec {
     pub nan: NanPolicy,
 }
 
+impl TensorSpec {
+    /// Whether a concrete `shape` fits: same rank, every fixed dimension equal.
+    pub fn fits_shape(&self, shape: &[u64]) -> bool {
+        shape.len() == self.shape.len()
+            && shape
+                .iter()
+                .zip(&self.shape)
+                .all(|(got, want)| want.is_none_or(|w| w == *got))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 #[serde(rename_all = "snake_case")]
@@ -524,7 +535,23 @@ fn version_lt(a: &str, b: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::version_lt;
+    use super::{DType, NanPolicy, TensorSpec, version_lt};
+    use crate::TensorName;
+
+    #[test]
+    fn a_shape_fits_when_rank_and_fixed_dimensions_match() {
+        let spec = TensorSpec {
+            name: TensorName::new("features").unwrap(),
+            dtype: DType::F32,
+            shape: vec![None, Some(4)],
+            nan: NanPolicy::Reject,
+        };
+        assert!(spec.fits_shape(&[1, 4]));
+        assert!(spec.fits_shape(&[32, 4]));
+        assert!(!spec.fits_shape(&[1, 5]));
+        assert!(!spec.fits_shape(&[4]));
+        assert!(!spec.fits_shape(&[1, 4, 1]));
+    }
 
     #[test]
     fn versions_compare_numerically() {

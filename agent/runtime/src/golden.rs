@@ -164,13 +164,7 @@ pub fn check_outputs(specs: &[TensorSpec], got: &[NamedTensor]) -> Result<(), Ru
                 names.join(", ")
             )));
         };
-        let dims_ok = tensor.shape.len() == spec.shape.len()
-            && tensor
-                .shape
-                .iter()
-                .zip(&spec.shape)
-                .all(|(got, want)| want.is_none_or(|w| w == *got));
-        if tensor.data.dtype() != spec.dtype || !dims_ok {
+        if tensor.data.dtype() != spec.dtype || !spec.fits_shape(&tensor.shape) {
             return Err(RuntimeError::Schema(format!(
                 "output {} is declared as {:?} {} but the model produced {:?} {:?}",
                 spec.name,

@@ -352,13 +352,7 @@ fn to_tract(spec: &TensorSpec, tensor: NamedTensor) -> Result<Tensor, RuntimeErr
             ),
         ));
     }
-    let dims_ok = tensor.shape.len() == spec.shape.len()
-        && tensor
-            .shape
-            .iter()
-            .zip(&spec.shape)
-            .all(|(got, want)| want.is_none_or(|w| w == *got));
-    if !dims_ok {
+    if !spec.fits_shape(&tensor.shape) {
         let want: Vec<String> = spec
             .shape
             .iter()
