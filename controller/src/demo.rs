@@ -50,6 +50,17 @@ impl Drop for Agents {
     }
 }
 
+/// Sends an admin API request; its JSON answer, or an error with `failure` and the answer.
+async fn api_json(request: reqwest::RequestBuilder, failure: &str) -> Result<serde_json::Value> {
+    let response = request.send().await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await?;
+    if !status.is_success() {
+        bail!("{failure}: {body}");
+    }
+    Ok(body)
+}
+
 fn demo_asset(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("demo")
@@ -164,17 +175,13 @@ pub async fn run(serve: &ServeArgs, args: &DemoArgs) -> Result<()> {
             reqwest::multipart::Part::bytes(std::fs::read(reference)?).file_name("reference.csv"),
         );
     }
-    let response = http
-        .post(format!("{api_url}/api/v1/models"))
-        .bearer_auth(&admin)
-        .multipart(form)
-        .send()
-        .await?;
-    let status = response.status();
-    let registered: serde_json::Value = response.json().await?;
-    if !status.is_success() {
-        bail!("registration failed: {registered}");
-    }
+    let registered = api_json(
+        http.post(format!("{api_url}/api/v1/models"))
+            .bearer_auth(&admin)
+            .multipart(form),
+        "registration failed",
+    )
+    .await?;
     let digest = registered["digest"].as_str().unwrap_or_default().to_owned();
     println!(
         "    {} {} release {} → manifest {}… ({} signature(s), {})",
@@ -197,17 +204,13 @@ pub async fn run(serve: &ServeArgs, args: &DemoArgs) -> Result<()> {
     for i in 1..=args.agents {
         let device = format!("pump-{i:02}");
         let line = if device.ends_with('1') { "a" } else { "b" };
-        let response = http
-            .post(format!("{api_url}/api/v1/enroll-tokens"))
-            .bearer_auth(&admin)
-            .json(&json!({"labels": {"site": "demo", "line": line}, "expires_in_s": 3600}))
-            .send()
-            .await?;
-        let status = response.status();
-        let created: serde_json::Value = response.json().await?;
-        if !status.is_success() {
-            bail!("cannot create an enrollment token: {created}");
-        }
+        let created = api_json(
+            http.post(format!("{api_url}/api/v1/enroll-tokens"))
+                .bearer_auth(&admin)
+                .json(&json!({"labels": {"site": "demo", "line": line}, "expires_in_s": 3600})),
+            "cannot create an enrollment token",
+        )
+        .await?;
         let token = created["token"].as_str().unwrap_or_default().to_owned();
         let state = data_dir.join("agents").join(&device);
         std::fs::create_dir_all(&state)?;
