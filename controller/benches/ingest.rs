@@ -17,9 +17,8 @@
 //! cargo bench -p edgefleet-controller --bench ingest -- --devices 20 --messages 1000 --rounds 3
 //! ```
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -37,6 +36,8 @@ use edgefleet_protocol::{
     Arch, ControllerMessage, DeviceId, DeviceMacKey, DeviceMessage, ModelName, ModelVersion,
     Sha256Digest, TensorName, Timestamp, Topic, TopicKind, topics,
 };
+use edgefleet_tests::agent::free_port;
+use edgefleet_tests::broker::Mosquitto;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -83,7 +84,7 @@ fn main() -> Result<()> {
     );
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir()?;
-    let mqtt_addr = free_port()?;
+    let mqtt_addr = free_port();
     let serve = serve_args(dir.path(), mqtt_addr)?;
     let conf_dir = dir.path().join("mosquitto");
     mosquitto::write_config(
@@ -94,22 +95,18 @@ fn main() -> Result<()> {
             hostnames: Vec::new(),
         },
     )?;
-    let conf = conf_dir.join("mosquitto.conf");
-    // Started as root, Mosquitto drops to the `mosquitto` user, which cannot read the private
-    // directory the configuration was written to; this throwaway broker keeps running as root.
-    let mut text = std::fs::read_to_string(&conf)?;
-    text.push_str("user root\n");
-    if std::env::var_os("INGEST_BENCH_LOG").is_some() {
-        text.push_str("log_dest stderr\nlog_type all\n");
-    }
-    std::fs::write(&conf, text)?;
-    let _broker = Broker::start(&conf, mqtt_addr)?;
-    let version = Command::new(mosquitto_bin()).arg("-h").output()?;
-    let version = String::from_utf8_lossy(&version.stdout)
+    // The test harness's runner for a generated configuration (as root it keeps the broker
+    // running as root, which can read the controller's private directory).
+    let broker = Mosquitto::start_generated(&conf_dir, mqtt_addr);
+    let version = broker
+        .log_text()
         .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+        .find_map(|l| {
+            l.split_once(": mosquitto version ")
+                .map(|(_, v)| v.to_owned())
+        })
+        .map(|v| format!("mosquitto {}", v.trim_end_matches(" starting")))
+        .unwrap_or_default();
 
     let devices = Arc::new(with_controller(&serve, |running| {
         enroll(running, args.devices)
@@ -579,50 +576,4 @@ async fn measure_controller(
         acks,
     )
     .await
-}
-
-/// A Mosquitto process for the run, killed on drop.
-struct Broker(Child);
-
-impl Broker {
-    fn start(config: &Path, addr: SocketAddr) -> Result<Self> {
-        let child = Command::new(mosquitto_bin())
-            .arg("-c")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(match std::env::var_os("INGEST_BENCH_LOG") {
-                Some(path) => Stdio::from(std::fs::File::create(path)?),
-                None => Stdio::null(),
-            })
-            .spawn()
-            .context("cannot start mosquitto (apt-get install mosquitto)")?;
-        let broker = Self(child);
-        let began = Instant::now();
-        while std::net::TcpStream::connect(addr).is_err() {
-            if began.elapsed() > Duration::from_secs(10) {
-                bail!("mosquitto did not listen on {addr} within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(broker)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `$MOSQUITTO`, else Debian's `/usr/sbin/mosquitto`, else `mosquitto` from `PATH`.
-fn mosquitto_bin() -> PathBuf {
-    std::env::var_os("MOSQUITTO")
-        .map(PathBuf::from)
-        .or_else(|| Some(PathBuf::from("/usr/sbin/mosquitto")).filter(|p| p.exists()))
-        .unwrap_or_else(|| PathBuf::from("mosquitto"))
-}
-
-fn free_port() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
