@@ -63,37 +63,52 @@ impl Controller {
         Self::start_in(tempfile::tempdir().unwrap(), &[])
     }
 
-    /// Starts a controller with its state in `dir`, passing it `extra` arguments.
+    /// Starts a controller with its state in `dir`, passing it `extra` arguments. Ports come
+    /// from `free_port`, which another test may take before the controller binds them: a start
+    /// that fails with "Address already in use" is retried on fresh ports.
     fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
-        let (api, devices, mqtt) = (free_port(), free_port(), free_port());
-        let log = File::create(dir.path().join("controller.log")).unwrap();
-        let child = Command::new(bin("edgefleet-controller"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen", &api.to_string()])
-            .args(["--device-listen", &devices.to_string()])
-            .args(["--mqtt-listen", &mqtt.to_string()])
-            .args(extra)
-            .env("EDGEFLEET_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut controller = Self {
-            process: Killed(child),
-            dir,
-            api,
-            devices,
-            mqtt,
-        };
-        wait_until(START_TIMEOUT, "the controller to answer /healthz", || {
-            if let Ok(Some(status)) = controller.process.0.try_wait() {
-                panic!("the controller exited ({status}):\n{}", controller.log());
+        let mut dir = Some(dir);
+        for attempt in 1.. {
+            let (api, devices, mqtt) = (free_port(), free_port(), free_port());
+            let log = File::create(dir.as_ref().unwrap().path().join("controller.log")).unwrap();
+            let child = Command::new(bin("edgefleet-controller"))
+                .arg("--data-dir")
+                .arg(dir.as_ref().unwrap().path().join("data"))
+                .args(["--listen", &api.to_string()])
+                .args(["--device-listen", &devices.to_string()])
+                .args(["--mqtt-listen", &mqtt.to_string()])
+                .args(extra)
+                .env("EDGEFLEET_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let mut controller = Self {
+                process: Killed(child),
+                dir: dir.take().unwrap(),
+                api,
+                devices,
+                mqtt,
+            };
+            let started = wait_until(START_TIMEOUT, "the controller to answer /healthz", || {
+                if let Ok(Some(status)) = controller.process.0.try_wait() {
+                    return Some(Err(status));
+                }
+                healthy(api).then_some(Ok(()))
+            });
+            match started {
+                Ok(()) => return controller,
+                Err(_) if attempt < 5 && controller.log().contains("Address already in use") => {
+                    dir = Some(std::mem::replace(
+                        &mut controller.dir,
+                        tempfile::tempdir().unwrap(),
+                    ));
+                }
+                Err(status) => panic!("the controller exited ({status}):\n{}", controller.log()),
             }
-            healthy(api).then_some(())
-        });
-        controller
+        }
+        unreachable!("the loop returns or panics")
     }
 
     fn log(&self) -> String {
