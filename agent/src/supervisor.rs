@@ -1044,6 +1044,17 @@ impl Supervisor {
         {
             self.download = None;
         } else {
+            // A superseded download that finished anyway: drop its bundle, unless the download
+            // under way is of the same bundle (it will replace the file itself).
+            if let (Ok(path), Some(model)) = (&done.result, &done.assignment.active) {
+                let same = self
+                    .download
+                    .as_ref()
+                    .is_some_and(|(_, digest, _)| *digest == model.manifest_digest.to_hex());
+                if !same {
+                    let _ = tokio::fs::remove_file(path).await;
+                }
+            }
             return;
         }
         let Some(model) = done.assignment.active.clone() else {
