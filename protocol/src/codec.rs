@@ -119,8 +119,10 @@ pub fn decode<T: DeserializeOwned>(
 }
 
 /// Fixed-size byte strings (keys, signatures, digests) encoded as CBOR byte strings, not arrays.
+/// Human-readable formats (JSON: the controller's stored reports and rollout state, the agent's
+/// state file) get lowercase hex; arrays of numbers, which older JSON files hold, are read too.
 pub(crate) mod byte_array {
-    use serde::de::{Error, Visitor};
+    use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
     use std::fmt;
 
@@ -128,7 +130,11 @@ pub(crate) mod byte_array {
         bytes: &[u8; N],
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(bytes)
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(bytes))
+        } else {
+            s.serialize_bytes(bytes)
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
@@ -146,8 +152,29 @@ pub(crate) mod byte_array {
             fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<[u8; N], E> {
                 self.visit_bytes(&v)
             }
+            fn visit_str<E: Error>(self, v: &str) -> Result<[u8; N], E> {
+                let bytes = hex::decode(v)
+                    .map_err(|_| E::custom(format!("expected {N} bytes in hex, found {v:?}")))?;
+                self.visit_bytes(&bytes)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<[u8; N], A::Error> {
+                let mut out = [0u8; N];
+                for (i, slot) in out.iter_mut().enumerate() {
+                    *slot = seq
+                        .next_element()?
+                        .ok_or_else(|| A::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<u8>()?.is_some() {
+                    return Err(A::Error::invalid_length(N + 1, &self));
+                }
+                Ok(out)
+            }
         }
-        d.deserialize_bytes(V::<N>)
+        if d.is_human_readable() {
+            d.deserialize_any(V::<N>)
+        } else {
+            d.deserialize_bytes(V::<N>)
+        }
     }
 }
 

@@ -22,17 +22,21 @@ fn spec(waves: &[(WaveSize, u64)], on_breach: OnBreach) -> Spec {
     Spec {
         candidate: model(CANDIDATE),
         baseline: model(BASELINE),
+        shadow: None,
         waves: waves
             .iter()
             .map(|(size, bake_ms)| Wave {
                 size: *size,
                 bake_ms: *bake_ms,
+                select: Labels::new(),
             })
             .collect(),
         max_per_minute: 1000,
         progress_deadline_ms: 600_000,
         gates: Gates {
             min_inferences: 100,
+            // Most traces send no telemetry; the evidence rule has its own test.
+            require_evidence: false,
             ..Gates::default()
         },
         on_breach,
@@ -64,8 +68,12 @@ struct Trace {
 impl Trace {
     fn start(spec: Spec, devices: usize, offline: &[usize]) -> Self {
         let members = (0..devices)
-            .map(|i| (dev(i), !offline.contains(&i)))
+            .map(|i| Member::new(dev(i), !offline.contains(&i), Labels::new()))
             .collect();
+        Self::start_with(spec, members)
+    }
+
+    fn start_with(spec: Spec, members: Vec<Member>) -> Self {
         let (rollout, actions) = Rollout::start(Timestamp(0), spec, members);
         let mut trace = Self {
             rollout,
@@ -82,13 +90,14 @@ impl Trace {
                 Action::Assign {
                     device,
                     model,
+                    shadow,
                     rollback,
                 } => format!(
-                    "  assign {device} -> {}{}",
-                    if model == self.rollout.spec.candidate {
-                        "candidate"
-                    } else {
-                        "baseline"
+                    "  assign {device} -> {}{}{}",
+                    name(&model),
+                    match shadow {
+                        Some(s) => format!(" + shadow {}", name(&s)),
+                        None => String::new(),
                     },
                     if rollback { " (rollback)" } else { "" }
                 ),
@@ -142,7 +151,14 @@ fn describe(report: &DeviceReport) -> String {
             sample.errors
         ),
         DeviceReport::Drift { model, score } => format!("drift {} {score}", name(model)),
-        DeviceReport::Joined => "joined".into(),
+        DeviceReport::Shadow { model, sample } => format!(
+            "shadow {} {} compared, {} agreed, {} errors",
+            name(model),
+            sample.compared,
+            sample.agree,
+            sample.errors
+        ),
+        DeviceReport::Joined { labels } => format!("joined {labels:?}"),
     }
 }
 
@@ -194,7 +210,7 @@ fn a_healthy_candidate_goes_through_three_waves_to_completion() {
           => Installing { wave: 2, since: Timestamp(130000) }
         t=140s d3: activated candidate
           record: wave 3 installed on 4 device(s); baking 0 s
-          record: completed: 4 device(s) on the candidate, 0 failed, 0 offline left on the baseline
+          record: completed: 4 device(s) on the candidate, 0 failed, 0 left on the baseline
           => Completed
     "#]]);
 }
@@ -245,10 +261,10 @@ fn a_bad_live_error_rate_stops_the_canary_and_rolls_it_back() {
         t=60s d0: telemetry candidate 50 inferences, 4 errors
           => Baking { wave: 0, until: Timestamp(305000) }
         t=120s d1: telemetry candidate 50 inferences, 4 errors
-          record: gate breached: inference error rate 8.00% vs baseline 0.50%; rolling back
+          record: gate breached: inference error rate 7.41% vs baseline 0.50%; rolling back
           assign d0 -> baseline (rollback)
           assign d1 -> baseline (rollback)
-          => Aborted { reason: "gate breached: inference error rate 8.00% vs baseline 0.50%" }
+          => Aborted { reason: "gate breached: inference error rate 7.41% vs baseline 0.50%" }
     "#]]);
 }
 
@@ -266,15 +282,15 @@ fn failed_installs_and_slow_inference_breach_their_gates() {
           assign d1 -> candidate
           => Installing { wave: 0, since: Timestamp(0) }
         t=5s d0: install failed candidate
-          record: d0: installing the candidate failed
+          record: d0: the candidate failed
           record: gate breached, paused: install failures 1/1 (100.0%)
-          => Paused { wave: 0, reason: "install failures 1/1 (100.0%)" }
+          => Paused { stage: Wave(0), reason: "install failures 1/1 (100.0%)" }
         t=6s d1: activated candidate
-          => Paused { wave: 0, reason: "install failures 1/1 (100.0%)" }
+          => Paused { stage: Wave(0), reason: "install failures 1/1 (100.0%)" }
         t=7s operator: Resume
           record: resumed
           record: gate breached, paused: install failures 1/2 (50.0%)
-          => Paused { wave: 0, reason: "install failures 1/2 (50.0%)" }
+          => Paused { stage: Wave(0), reason: "install failures 1/2 (50.0%)" }
     "#]]);
 
     let mut t = Trace::start(spec(&waves, OnBreach::Pause), 4, &[]);
@@ -304,7 +320,7 @@ fn failed_installs_and_slow_inference_breach_their_gates() {
           => Baking { wave: 0, until: Timestamp(65000) }
         t=30s d0: telemetry candidate 100 inferences, 0 errors
           record: gate breached, paused: p95 latency 3072 µs vs baseline 1024 µs (3.00x)
-          => Paused { wave: 0, reason: "p95 latency 3072 µs vs baseline 1024 µs (3.00x)" }
+          => Paused { stage: Wave(0), reason: "p95 latency 3072 µs vs baseline 1024 µs (3.00x)" }
     "#]]);
 }
 
@@ -394,10 +410,10 @@ fn pause_resume_promote_and_operator_abort() {
           => Baking { wave: 0, until: Timestamp(601000) }
         t=2s operator: Pause { reason: "weekend" }
           record: paused by the operator: weekend
-          => Paused { wave: 0, reason: "weekend" }
+          => Paused { stage: Wave(0), reason: "weekend" }
         t=3s operator: Promote
-          record: Promote does not apply while paused; ignored
-          => Paused { wave: 0, reason: "weekend" }
+          record: promote does not apply while paused; ignored
+          => Paused { stage: Wave(0), reason: "weekend" }
         t=4s operator: Resume
           record: resumed
           record: wave 1 installed on 1 device(s); baking 600 s
@@ -417,7 +433,7 @@ fn pause_resume_promote_and_operator_abort() {
           assign d2 -> baseline (rollback)
           => Aborted { reason: "aborted by the operator: customer complaint" }
         t=8s operator: Resume
-          record: the rollout is over; command ignored
+          record: the rollout is aborted; command ignored
           => Aborted { reason: "aborted by the operator: customer complaint" }
     "#]]);
 }
@@ -428,7 +444,13 @@ fn joiners_offline_devices_and_the_progress_deadline() {
     // d1 is offline from the start; d4 joins later; d2 never activates in wave 2.
     let mut t = Trace::start(spec(&waves, OnBreach::Abort), 4, &[1]);
     t.activate(1_000, [0, 2]);
-    t.device(2_000, 4, DeviceReport::Joined);
+    t.device(
+        2_000,
+        4,
+        DeviceReport::Joined {
+            labels: Labels::new(),
+        },
+    );
     t.activate(3_000, [3, 4]);
     t.feed(700_000, Input::Tick);
     t.check(expect![[r#"
@@ -444,7 +466,7 @@ fn joiners_offline_devices_and_the_progress_deadline() {
           record: wave 1 passed its gates
           assign d3 -> candidate
           => Installing { wave: 1, since: Timestamp(1000) }
-        t=2s d4: joined
+        t=2s d4: joined {}
           record: d4 joined the rollout
           assign d4 -> candidate
           => Installing { wave: 1, since: Timestamp(1000) }
@@ -452,7 +474,7 @@ fn joiners_offline_devices_and_the_progress_deadline() {
           => Installing { wave: 1, since: Timestamp(1000) }
         t=3s d4: activated candidate
           record: wave 2 installed on 4 device(s); baking 0 s
-          record: completed: 4 device(s) on the candidate, 0 failed, 1 offline left on the baseline
+          record: completed: 4 device(s) on the candidate, 0 failed, 1 left on the baseline
           => Completed
         t=700s tick
           => Completed
@@ -482,10 +504,13 @@ fn assignments_are_paced_to_max_per_minute() {
     let mut s = spec(&[(WaveSize::Percent(100), 0)], OnBreach::Abort);
     s.max_per_minute = 2;
     let mut t = Trace::start(s, 5, &[]);
-    assert_eq!(t.rollout.next_deadline(), Some(Timestamp(60_000)));
+    // Counted per second, conservatively: the two issued at t=0.0–0.999 s free their slots at
+    // 61 s.
+    assert_eq!(t.rollout.next_deadline(), Some(Timestamp(61_000)));
     t.feed(30_000, Input::Tick);
     t.feed(60_000, Input::Tick);
-    t.feed(120_000, Input::Tick);
+    t.feed(61_000, Input::Tick);
+    t.feed(122_000, Input::Tick);
     t.check(expect![[r#"
         t=0s start
           record: rollout started: 5 member(s), 1 wave(s)
@@ -495,38 +520,292 @@ fn assignments_are_paced_to_max_per_minute() {
         t=30s tick
           => Installing { wave: 0, since: Timestamp(0) }
         t=60s tick
+          => Installing { wave: 0, since: Timestamp(0) }
+        t=61s tick
           assign d2 -> candidate
           assign d3 -> candidate
           => Installing { wave: 0, since: Timestamp(0) }
-        t=120s tick
+        t=122s tick
           assign d4 -> candidate
           => Installing { wave: 0, since: Timestamp(0) }
     "#]]);
 }
 
+fn shadow(compared: u64, agree: u64, errors: u64) -> DeviceReport {
+    DeviceReport::Shadow {
+        model: model(CANDIDATE),
+        sample: ShadowSample {
+            compared,
+            agree,
+            errors,
+        },
+    }
+}
+
+fn telemetry(m: u8, inferences: u64, errors: u64) -> DeviceReport {
+    DeviceReport::Telemetry {
+        model: model(m),
+        sample: sample(inferences, errors, 1_000),
+    }
+}
+
+#[test]
+fn a_shadow_phase_that_agrees_hands_over_to_the_waves() {
+    let mut s = spec(
+        &[(WaveSize::Count(1), 0), (WaveSize::Percent(100), 0)],
+        OnBreach::Abort,
+    );
+    s.shadow = Some(ShadowPlan {
+        cohort: WaveSize::Count(2),
+        duration_ms: 60_000,
+    });
+    s.gates.min_shadow_agreement = Some(0.9);
+    s.gates.min_shadow_compared = 100;
+    s.gates.min_inferences = 0;
+    s.gates.require_evidence = true;
+    let mut t = Trace::start(s, 3, &[]);
+    t.device(10_000, 0, shadow(40, 39, 0));
+    t.feed(60_000, Input::Tick);
+    t.device(70_000, 1, shadow(80, 78, 0));
+    t.activate(75_000, [0]);
+    t.activate(80_000, [1, 2]);
+    t.check(expect![[r#"
+        t=0s start
+          record: rollout started: 3 member(s), a shadow phase, 2 wave(s)
+          assign d0 -> baseline + shadow candidate
+          assign d1 -> baseline + shadow candidate
+          => Shadowing { until: Timestamp(60000) }
+        t=10s d0: shadow candidate 40 compared, 39 agreed, 0 errors
+          => Shadowing { until: Timestamp(60000) }
+        t=60s tick
+          => Shadowing { until: Timestamp(60000) }
+        t=70s d1: shadow candidate 80 compared, 78 agreed, 0 errors
+          record: shadow phase passed: 117 of 120 shadowed request(s) agreed, 0 failed
+          assign d0 -> candidate
+          assign d1 -> baseline
+          => Installing { wave: 0, since: Timestamp(70000) }
+        t=75s d0: activated candidate
+          record: wave 1 installed on 1 device(s); baking 0 s
+          record: wave 1 passed its gates
+          assign d1 -> candidate
+          assign d2 -> candidate
+          => Installing { wave: 1, since: Timestamp(75000) }
+        t=80s d1: activated candidate
+          => Installing { wave: 1, since: Timestamp(75000) }
+        t=80s d2: activated candidate
+          record: wave 2 installed on 3 device(s); baking 0 s
+          record: completed: 3 device(s) on the candidate, 0 failed, 0 left on the baseline
+          => Completed
+    "#]]);
+}
+
+#[test]
+fn a_shadow_that_disagrees_or_fails_is_stopped_before_any_device_runs_it() {
+    let mut s = spec(&[(WaveSize::Percent(100), 0)], OnBreach::Abort);
+    s.shadow = Some(ShadowPlan {
+        cohort: WaveSize::Percent(50),
+        duration_ms: 60_000,
+    });
+    s.gates.min_shadow_agreement = Some(0.95);
+    s.gates.min_shadow_compared = 100;
+    let mut t = Trace::start(s.clone(), 4, &[]);
+    t.device(10_000, 0, shadow(60, 50, 0));
+    t.device(20_000, 1, shadow(60, 50, 0));
+    t.check(expect![[r#"
+        t=0s start
+          record: rollout started: 4 member(s), a shadow phase, 1 wave(s)
+          assign d0 -> baseline + shadow candidate
+          assign d1 -> baseline + shadow candidate
+          => Shadowing { until: Timestamp(60000) }
+        t=10s d0: shadow candidate 60 compared, 50 agreed, 0 errors
+          => Shadowing { until: Timestamp(60000) }
+        t=20s d1: shadow candidate 60 compared, 50 agreed, 0 errors
+          record: gate breached: shadow agreement 83.3% over 120 request(s) below 95.0%; rolling back
+          assign d0 -> baseline
+          assign d1 -> baseline
+          => Aborted { reason: "gate breached: shadow agreement 83.3% over 120 request(s) below 95.0%" }
+    "#]]);
+
+    // The candidate fails on live inputs the baseline answers: the shadow error gate.
+    s.gates.min_shadow_agreement = None;
+    let mut t = Trace::start(s, 4, &[]);
+    t.device(10_000, 2, telemetry(BASELINE, 200, 0));
+    t.device(20_000, 0, shadow(90, 90, 30));
+    t.check(expect![[r#"
+        t=0s start
+          record: rollout started: 4 member(s), a shadow phase, 1 wave(s)
+          assign d0 -> baseline + shadow candidate
+          assign d1 -> baseline + shadow candidate
+          => Shadowing { until: Timestamp(60000) }
+        t=10s d2: telemetry baseline 200 inferences, 0 errors
+          => Shadowing { until: Timestamp(60000) }
+        t=20s d0: shadow candidate 90 compared, 90 agreed, 30 errors
+          record: gate breached: shadow error rate 25.00% vs baseline 0.00%; rolling back
+          assign d0 -> baseline
+          assign d1 -> baseline
+          => Aborted { reason: "gate breached: shadow error rate 25.00% vs baseline 0.00%" }
+    "#]]);
+}
+
+#[test]
+fn a_bake_waits_for_evidence_and_breaches_without_it() {
+    let mut s = spec(
+        &[(WaveSize::Count(1), 10_000), (WaveSize::Percent(100), 0)],
+        OnBreach::Pause,
+    );
+    s.gates.require_evidence = true;
+    s.progress_deadline_ms = 100_000;
+    let mut t = Trace::start(s.clone(), 3, &[]);
+    t.activate(1_000, [0]);
+    t.device(5_000, 1, telemetry(BASELINE, 150, 0));
+    t.feed(11_000, Input::Tick);
+    t.device(20_000, 0, telemetry(CANDIDATE, 150, 1));
+    // Without candidate traffic the bake waits until its progress deadline, then pauses; the
+    // operator resumes (the wave starts its bake again) and promotes it without evidence.
+    let mut quiet = Trace::start(s, 3, &[]);
+    quiet.activate(1_000, [0]);
+    quiet.device(5_000, 1, telemetry(BASELINE, 150, 0));
+    assert_eq!(quiet.rollout.next_deadline(), Some(Timestamp(11_000)));
+    quiet.feed(11_000, Input::Tick);
+    assert_eq!(quiet.rollout.next_deadline(), Some(Timestamp(111_000)));
+    quiet.feed(111_000, Input::Tick);
+    quiet.feed(112_000, Input::Operator(Command::Resume));
+    quiet.feed(113_000, Input::Operator(Command::Promote));
+    t.out.push_str(&quiet.out);
+    t.check(expect![[r#"
+        t=0s start
+          record: rollout started: 3 member(s), 2 wave(s)
+          assign d0 -> candidate
+          => Installing { wave: 0, since: Timestamp(0) }
+        t=1s d0: activated candidate
+          record: wave 1 installed on 1 device(s); baking 10 s
+          => Baking { wave: 0, until: Timestamp(11000) }
+        t=5s d1: telemetry baseline 150 inferences, 0 errors
+          => Baking { wave: 0, until: Timestamp(11000) }
+        t=11s tick
+          => Baking { wave: 0, until: Timestamp(11000) }
+        t=20s d0: telemetry candidate 150 inferences, 1 errors
+          record: wave 1 passed its gates
+          assign d1 -> candidate
+          assign d2 -> candidate
+          => Installing { wave: 1, since: Timestamp(20000) }
+        t=0s start
+          record: rollout started: 3 member(s), 2 wave(s)
+          assign d0 -> candidate
+          => Installing { wave: 0, since: Timestamp(0) }
+        t=1s d0: activated candidate
+          record: wave 1 installed on 1 device(s); baking 10 s
+          => Baking { wave: 0, until: Timestamp(11000) }
+        t=5s d1: telemetry baseline 150 inferences, 0 errors
+          => Baking { wave: 0, until: Timestamp(11000) }
+        t=11s tick
+          => Baking { wave: 0, until: Timestamp(11000) }
+        t=111s tick
+          record: gate breached, paused: not enough evidence by the progress deadline: 0/100 request(s) on the candidate
+          => Paused { stage: Wave(0), reason: "not enough evidence by the progress deadline: 0/100 request(s) on the candidate" }
+        t=112s operator: Resume
+          record: resumed
+          record: wave 1 installed on 1 device(s); baking 10 s
+          => Baking { wave: 0, until: Timestamp(122000) }
+        t=113s operator: Promote
+          record: wave 1 promoted: bake skipped
+          record: wave 1 passed its gates
+          assign d1 -> candidate
+          assign d2 -> candidate
+          => Installing { wave: 1, since: Timestamp(113000) }
+    "#]]);
+}
+
+#[test]
+fn waves_with_label_selectors_and_an_operator_rollback_after_completion() {
+    let mut s = spec(
+        &[(WaveSize::Percent(100), 0), (WaveSize::Percent(100), 0)],
+        OnBreach::Abort,
+    );
+    s.waves[0].select = lab_labels();
+    s.gates.max_install_failure_rate = 0.5;
+    let members = (0..4)
+        .map(|i| {
+            let labels = if i >= 2 { lab_labels() } else { Labels::new() };
+            Member::new(dev(i), true, labels)
+        })
+        .collect();
+    let mut t = Trace::start_with(s, members);
+    t.activate(1_000, [2, 3]);
+    t.activate(2_000, [0]);
+    t.device(3_000, 1, DeviceReport::InstallFailed(model(CANDIDATE)));
+    t.feed(
+        4_000,
+        Input::Operator(Command::Rollback {
+            reason: "recall".into(),
+        }),
+    );
+    t.feed(
+        5_000,
+        Input::Operator(Command::Rollback {
+            reason: "twice".into(),
+        }),
+    );
+    t.check(expect![[r#"
+        t=0s start
+          record: rollout started: 4 member(s), 2 wave(s)
+          assign d2 -> candidate
+          assign d3 -> candidate
+          => Installing { wave: 0, since: Timestamp(0) }
+        t=1s d2: activated candidate
+          => Installing { wave: 0, since: Timestamp(0) }
+        t=1s d3: activated candidate
+          record: wave 1 installed on 2 device(s); baking 0 s
+          record: wave 1 passed its gates
+          assign d0 -> candidate
+          assign d1 -> candidate
+          => Installing { wave: 1, since: Timestamp(1000) }
+        t=2s d0: activated candidate
+          => Installing { wave: 1, since: Timestamp(1000) }
+        t=3s d1: install failed candidate
+          record: d1: the candidate failed
+          record: wave 2 installed on 4 device(s); baking 0 s
+          record: completed: 3 device(s) on the candidate, 1 failed, 0 left on the baseline
+          => Completed
+        t=4s operator: Rollback { reason: "recall" }
+          record: rollback requested by the operator: recall; rolling back
+          assign d0 -> baseline (rollback)
+          assign d1 -> baseline (rollback)
+          assign d2 -> baseline (rollback)
+          assign d3 -> baseline (rollback)
+          => RolledBack { reason: "rollback requested by the operator: recall" }
+        t=5s operator: Rollback { reason: "twice" }
+          record: the rollout is rolled back; command ignored
+          => RolledBack { reason: "rollback requested by the operator: recall" }
+    "#]]);
+}
+
 fn any_input(devices: usize) -> impl Strategy<Value = (u64, Input)> {
+    let pick = |c: bool| model(if c { CANDIDATE } else { BASELINE });
     let report = prop_oneof![
-        (any::<bool>(), 0.0f64..1.0).prop_map(|(c, score)| DeviceReport::Drift {
-            model: model(if c { CANDIDATE } else { BASELINE }),
+        (any::<bool>(), 0.0f64..1.0).prop_map(move |(c, score)| DeviceReport::Drift {
+            model: pick(c),
             score
         }),
-        any::<bool>().prop_map(|c| DeviceReport::Activated(model(if c {
-            CANDIDATE
-        } else {
-            BASELINE
-        }))),
-        any::<bool>().prop_map(|c| DeviceReport::InstallFailed(model(if c {
-            CANDIDATE
-        } else {
-            BASELINE
-        }))),
+        any::<bool>().prop_map(move |c| DeviceReport::Activated(pick(c))),
+        any::<bool>().prop_map(move |c| DeviceReport::InstallFailed(pick(c))),
         any::<bool>().prop_map(DeviceReport::Online),
-        Just(DeviceReport::Joined),
-        (any::<bool>(), 0u64..500, 0u64..50, 100u64..5000).prop_map(|(c, n, e, us)| {
+        any::<bool>().prop_map(|lab| DeviceReport::Joined {
+            labels: if lab { lab_labels() } else { Labels::new() }
+        }),
+        (any::<bool>(), 0u64..500, 0u64..50, 100u64..5000).prop_map(move |(c, n, e, us)| {
             DeviceReport::Telemetry {
-                model: model(if c { CANDIDATE } else { BASELINE }),
+                model: pick(c),
                 sample: sample(n, e.min(n), us),
             }
+        }),
+        (0u64..300, 0u64..300, 0u64..30).prop_map(move |(n, a, e)| DeviceReport::Shadow {
+            model: pick(true),
+            sample: ShadowSample {
+                compared: n,
+                agree: a.min(n),
+                errors: e,
+            },
         }),
     ];
     let command = prop_oneof![
@@ -534,6 +813,7 @@ fn any_input(devices: usize) -> impl Strategy<Value = (u64, Input)> {
         Just(Command::Resume),
         Just(Command::Promote),
         Just(Command::Abort { reason: "a".into() }),
+        Just(Command::Rollback { reason: "r".into() }),
     ];
     let input = prop_oneof![
         Just(Input::Tick),
@@ -546,37 +826,162 @@ fn any_input(devices: usize) -> impl Strategy<Value = (u64, Input)> {
     (0u64..120_000, input)
 }
 
+fn lab_labels() -> Labels {
+    Labels::from([("site".to_owned(), "lab".to_owned())])
+}
+
+/// A plan with every feature on: shadow phase, a selector wave, evidence required.
+fn full_spec() -> Spec {
+    let mut s = spec(
+        &[
+            (WaveSize::Count(2), 30_000),
+            (WaveSize::Percent(60), 10_000),
+            (WaveSize::Percent(100), 0),
+        ],
+        OnBreach::Abort,
+    );
+    s.shadow = Some(ShadowPlan {
+        cohort: WaveSize::Count(2),
+        duration_ms: 20_000,
+    });
+    s.waves[0].select = lab_labels();
+    s.gates.min_shadow_agreement = Some(0.5);
+    s.gates.min_shadow_compared = 100;
+    s.gates.require_evidence = true;
+    s.progress_deadline_ms = 200_000;
+    s.max_per_minute = 3;
+    s
+}
+
+fn any_members() -> Vec<Member> {
+    (0..6)
+        .map(|i| {
+            let labels = if i % 2 == 0 {
+                lab_labels()
+            } else {
+                Labels::new()
+            };
+            Member::new(dev(i), i % 3 != 0, labels)
+        })
+        .collect()
+}
+
+/// What the rollout's assignments may be, whatever the inputs: only its two models; the
+/// candidate at most once per device, never with a shadow, never rolled back; the candidate in
+/// shadow only on the baseline and never after the device was given it; the baseline without
+/// shadow either as a rollback of a device that was given the candidate, or as the end of that
+/// device's shadow.
+fn check_assignments(actions: &[Action]) -> Result<(), TestCaseError> {
+    let mut given = std::collections::BTreeSet::new();
+    let mut shadowing = std::collections::BTreeSet::new();
+    let mut rolled_back = std::collections::BTreeSet::new();
+    for action in actions {
+        let Action::Assign {
+            device,
+            model: m,
+            shadow,
+            rollback,
+        } = action
+        else {
+            continue;
+        };
+        if *m == model(CANDIDATE) {
+            prop_assert!(!rollback && shadow.is_none());
+            prop_assert!(
+                given.insert(device.clone()),
+                "{device} given the candidate twice"
+            );
+            // The candidate's assignment replaces a shadow one.
+            shadowing.remove(device);
+            continue;
+        }
+        prop_assert_eq!(*m, model(BASELINE));
+        match shadow {
+            Some(s) => {
+                prop_assert_eq!(*s, model(CANDIDATE));
+                prop_assert!(!rollback && !given.contains(device));
+                prop_assert!(shadowing.insert(device.clone()), "{device} shadowed twice");
+            }
+            None if *rollback => {
+                prop_assert!(
+                    given.contains(device),
+                    "{device} rolled back without the candidate"
+                );
+                prop_assert!(
+                    rolled_back.insert(device.clone()),
+                    "{device} rolled back twice"
+                );
+            }
+            None => {
+                prop_assert!(
+                    shadowing.remove(device),
+                    "{device} cleared without a shadow"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// Whatever happens, only the rollout's two models are assigned; the candidate at most once
-    /// per device, and the baseline only as a rollback of a device that was given the candidate.
+    /// Whatever happens, only the rollout's two models are assigned, as `check_assignments`
+    /// states.
     #[test]
     fn only_the_two_models_are_ever_assigned(
         inputs in proptest::collection::vec(any_input(6), 0..120),
+        full in any::<bool>(),
     ) {
         let waves = [(WaveSize::Count(2), 30_000), (WaveSize::Percent(60), 10_000), (WaveSize::Percent(100), 0)];
-        let members = (0..6).map(|i| (dev(i), i % 3 != 0)).collect();
-        let (mut rollout, mut actions) =
-            Rollout::start(Timestamp(0), spec(&waves, OnBreach::Abort), members);
+        let plan = if full { full_spec() } else { spec(&waves, OnBreach::Abort) };
+        let (mut rollout, mut actions) = Rollout::start(Timestamp(0), plan, any_members());
         let mut now = 0;
         for (step, input) in inputs {
             now += step;
             actions.extend(rollout.handle(Timestamp(now), input));
         }
-        let mut given = std::collections::BTreeSet::new();
-        let mut rolled_back = std::collections::BTreeSet::new();
-        for action in actions {
-            if let Action::Assign { device, model: m, rollback } = action {
-                if m == model(CANDIDATE) {
-                    prop_assert!(!rollback);
-                    prop_assert!(given.insert(device.clone()), "{device} given the candidate twice");
-                } else {
-                    prop_assert_eq!(m, model(BASELINE));
-                    prop_assert!(rollback);
-                    prop_assert!(given.contains(&device), "{device} rolled back without the candidate");
-                    prop_assert!(rolled_back.insert(device.clone()), "{device} rolled back twice");
-                }
+        check_assignments(&actions)?;
+    }
+
+    /// A rollout saved and loaded at any point (as the driver does across a controller restart)
+    /// goes on exactly as one that never stopped.
+    #[test]
+    fn a_saved_and_loaded_rollout_continues_identically(
+        inputs in proptest::collection::vec(any_input(6), 0..80),
+        cut in 0usize..80,
+    ) {
+        let (mut kept, first) = Rollout::start(Timestamp(0), full_spec(), any_members());
+        let mut loaded = kept.clone();
+        let mut now = 0;
+        for (i, (step, input)) in inputs.into_iter().enumerate() {
+            now += step;
+            if i == cut {
+                let json = serde_json::to_string(&loaded).unwrap();
+                loaded = serde_json::from_str(&json).map_err(|e| format!("{e}: {json}")).unwrap();
+            }
+            let a = kept.handle(Timestamp(now), input.clone());
+            let b = loaded.handle(Timestamp(now), input);
+            prop_assert_eq!(&a, &b);
+            prop_assert_eq!(kept.next_deadline(), loaded.next_deadline());
+        }
+        prop_assert_eq!(kept, loaded);
+        let _ = first;
+    }
+
+    /// The next deadline always lies after the last time the rollout saw, so a driver that
+    /// sleeps until it never spins.
+    #[test]
+    fn the_next_deadline_is_always_in_the_future(
+        inputs in proptest::collection::vec(any_input(6), 0..80),
+    ) {
+        let (mut rollout, _) = Rollout::start(Timestamp(0), full_spec(), any_members());
+        let mut now = 0;
+        for (step, input) in inputs {
+            now += step;
+            rollout.handle(Timestamp(now), input);
+            if let Some(deadline) = rollout.next_deadline() {
+                prop_assert!(deadline.0 > now, "deadline {deadline:?} not after {now}");
             }
         }
     }

@@ -228,3 +228,21 @@ fn invalid_utf8_and_reserved_encodings_are_syntax_errors() {
     let err = decode::<ciborium::Value>("value", &[0x1c], 1024).unwrap_err();
     assert!(matches!(err, DecodeError::Syntax { .. }), "{err}");
 }
+
+#[test]
+fn byte_arrays_are_hex_in_json_and_old_json_arrays_still_read() {
+    use crate::Sha256Digest;
+    let digest = Sha256Digest([0xab; 32]);
+    let json = serde_json::to_string(&digest).unwrap();
+    assert_eq!(json, format!("\"{}\"", "ab".repeat(32)));
+    assert_eq!(serde_json::from_str::<Sha256Digest>(&json).unwrap(), digest);
+    let old = serde_json::to_string(&[0xabu8; 32]).unwrap();
+    assert_eq!(serde_json::from_str::<Sha256Digest>(&old).unwrap(), digest);
+    for bad in ["\"abcd\"", "\"zz\"", "[1,2,3]", "7"] {
+        assert!(serde_json::from_str::<Sha256Digest>(bad).is_err(), "{bad}");
+    }
+    // CBOR keeps byte strings.
+    let cbor = encode(&digest);
+    assert_eq!(cbor[0], 0x58, "a CBOR byte string of 32 bytes");
+    assert_eq!(decode::<Sha256Digest>("digest", &cbor, 64).unwrap(), digest);
+}
