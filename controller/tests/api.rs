@@ -31,6 +31,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 const API_SOURCE: &str = include_str!("../src/server/api.rs");
 const REGISTRY_SOURCE: &str = include_str!("../src/server/registry.rs");
+const ROLLOUTS_SOURCE: &str = include_str!("../src/server/rollouts.rs");
 
 const REFERENCE_HEADER: &str = "temperature_c,vibration_rms,current_a,pressure_bar\n";
 
@@ -1017,6 +1018,7 @@ async fn the_openapi_document_covers_every_api_route() {
     let routes: Vec<_> = routes_in(API_SOURCE)
         .into_iter()
         .chain(routes_in(REGISTRY_SOURCE))
+        .chain(routes_in(ROLLOUTS_SOURCE))
         .filter(|(path, _)| path.starts_with("/api/v1/"))
         .collect();
     // The scan itself works: it finds routes written on one line and across lines.
@@ -1049,7 +1051,7 @@ async fn the_openapi_document_covers_every_api_route() {
     }
     assert!(
         missing.is_empty(),
-        "routes registered in api.rs/registry.rs but not documented in controller/openapi.json: {missing:?}"
+        "routes registered in api.rs/registry.rs/rollouts.rs but not documented in controller/openapi.json: {missing:?}"
     );
     // And nothing documented that is not served.
     let stale: Vec<_> = paths
@@ -1221,13 +1223,16 @@ async fn a_model_that_crashes_the_validator_is_refused_and_the_controller_keeps_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_state_and_outbox_commit_together_and_stale_writers_are_refused() {
     use edgefleet_controller::server::audit::AuditEntry;
-    use edgefleet_controller::server::store::{RolloutChange, RolloutRow, StoreError};
+    use edgefleet_controller::server::store::{
+        OutboxAssignment, OutboxOutcome, RolloutChange, RolloutRow, StoreError,
+    };
 
     let ctl = Ctl::start().await;
     let baseline = register_good_model(&ctl).await;
     let (status, candidate) = ctl.upload(&ctl.admin, demo_upload("2.0.0")).await;
     assert_eq!(status, StatusCode::CREATED, "{candidate}");
     let candidate = candidate["digest"].as_str().unwrap().to_owned();
+    enroll(&ctl, "pump-7").await;
     let store = &ctl.running.app.store;
     let change = |phase: &str, actions: &[&str]| RolloutChange {
         phase: phase.into(),
@@ -1237,8 +1242,10 @@ async fn rollout_state_and_outbox_commit_together_and_stale_writers_are_refused(
     };
     let row = RolloutRow {
         id: "ro_1".into(),
+        kind: "rollout".into(),
         candidate: candidate.clone(),
         baseline: baseline.clone(),
+        selector: json!({"site": "lab"}),
         phase: String::new(),
         state: Value::Null,
         version: 0,
@@ -1248,31 +1255,41 @@ async fn rollout_state_and_outbox_commit_together_and_stale_writers_are_refused(
         updated_at: 0,
     };
     let audit = || AuditEntry::new("token:admin", "rollout.start", "rollout:ro_1", json!({}));
+    let audits_before = ctl.audit_count().await;
     store
-        .create_rollout(10, &row, change("installing", &["a1", "a2"]), audit())
+        .create_rollout(
+            10,
+            &row,
+            change("installing", &["a1", "a2"]),
+            vec![audit(), audit()],
+        )
         .await
         .unwrap();
+    assert_eq!(ctl.audit_count().await, audits_before + 2);
     let saved = store.get_rollout("ro_1").await.unwrap();
     assert_eq!(
         (
             saved.version,
             saved.phase.as_str(),
-            saved.state["phase"].as_str()
+            saved.state["phase"].as_str(),
+            saved.selector["site"].as_str()
         ),
-        (1, "installing", Some("installing"))
+        (1, "installing", Some("installing"), Some("lab"))
     );
 
     // The next state and its actions land together; a writer holding the old version is refused
-    // and changes nothing.
+    // and changes nothing (no outbox entry, no audit row).
     let v2 = store
-        .save_rollout(20, "ro_1", 1, change("baking", &["a3"]), None)
+        .save_rollout(20, "ro_1", 1, change("baking", &["a3"]), Vec::new())
         .await
         .unwrap();
     assert_eq!(v2, 2);
+    let audits = ctl.audit_count().await;
     let stale = store
-        .save_rollout(30, "ro_1", 1, change("completed", &["a4"]), Some(audit()))
+        .save_rollout(30, "ro_1", 1, change("completed", &["a4"]), vec![audit()])
         .await;
     assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    assert_eq!(ctl.audit_count().await, audits);
     let saved = store.get_rollout("ro_1").await.unwrap();
     assert_eq!((saved.version, saved.phase.as_str()), (2, "baking"));
     let outbox = store.rollout_outbox("ro_1").await.unwrap();
@@ -1281,11 +1298,41 @@ async fn rollout_state_and_outbox_commit_together_and_stale_writers_are_refused(
         vec![(1, "a1".into()), (2, "a2".into()), (3, "a3".into())]
     );
 
-    // Carried-out actions leave the outbox; numbering continues after them.
-    store.outbox_done("ro_1", 1).await.unwrap();
-    store.outbox_done("ro_1", 2).await.unwrap();
+    // Each carried-out entry leaves the outbox in the transaction that stores the device's next
+    // assignment: carried out again (a restart after the commit), it is skipped, so a device is
+    // never assigned twice. An unknown device is refused and its entry removed.
+    let item = |seq: i64, device: &str| OutboxAssignment {
+        seq,
+        device: device.into(),
+        build: Box::new(move |n: u64| Ok((format!("signed-{n}").into_bytes(), json!({"seq": n})))),
+        audit: AuditEntry::new("controller", "device.assign", "device:pump-7", json!({})),
+    };
+    let done = store
+        .assign_from_outbox(50, "ro_1", vec![item(1, "pump-7"), item(2, "pump-ghost")])
+        .await
+        .unwrap();
+    assert_eq!(
+        done,
+        vec![
+            OutboxOutcome::Signed {
+                device: "pump-7".into(),
+                bytes: b"signed-1".to_vec()
+            },
+            OutboxOutcome::Refused {
+                device: "pump-ghost".into(),
+                reason: "the device is not enrolled".into()
+            },
+        ]
+    );
+    let again = store
+        .assign_from_outbox(60, "ro_1", vec![item(1, "pump-7")])
+        .await
+        .unwrap();
+    assert_eq!(again, vec![OutboxOutcome::AlreadyDone]);
+    let device = store.get_device("pump-7").await.unwrap();
+    assert_eq!(device.assignment_seq, 1, "assigned once");
     store
-        .save_rollout(40, "ro_1", 2, change("completed", &["a5"]), Some(audit()))
+        .save_rollout(40, "ro_1", 2, change("completed", &["a5"]), vec![audit()])
         .await
         .unwrap();
     assert_eq!(
@@ -1293,5 +1340,13 @@ async fn rollout_state_and_outbox_commit_together_and_stale_writers_are_refused(
         vec![(3, "a3".into()), (4, "a5".into())]
     );
     assert_eq!(store.list_rollouts().await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .unfinished_rollouts(&["completed"])
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
     assert_eq!(ctl.verify().await["ok"], true);
 }

@@ -52,6 +52,9 @@ pub enum Command {
     Token(Online<online::token::TokenCommand>),
     /// The controller's hash-chained audit log: verify, export.
     Audit(Online<online::audit::AuditCommand>),
+    /// Staged rollouts gated on inference health: start, list, status, watch, pause, resume,
+    /// promote, abort, rollback.
+    Rollout(Online<online::rollout::RolloutCommand>),
     /// Print a shell completion script, e.g. `edgefleet completions bash > /etc/bash_completion.d/edgefleet`.
     Completions {
         #[arg(value_enum)]
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EnrollToken(command) => online::run(command, online::token::run_enroll),
         Command::Token(command) => online::run(command, online::token::run_api),
         Command::Audit(command) => online::run(command, online::audit::run),
+        Command::Rollout(command) => online::run(command, online::rollout::run),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics when its writer fails (`| head`).
             let mut script = Vec::new();

@@ -1,7 +1,8 @@
 //! Staged rollouts of a candidate model over a fleet, gated on how the model behaves in the
-//! field. `engine` is the pure state machine; the driver that persists it and carries out its
-//! actions builds on it.
+//! field. `engine` is the pure state machine; `driver` persists it, feeds it what devices report
+//! and carries out what it decides.
 
+pub mod driver;
 pub mod engine;
 
 #[cfg(test)]

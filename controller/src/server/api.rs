@@ -169,6 +169,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/devices/{id}/labels", put(set_labels))
         .route("/api/v1/devices/{id}/assign", post(assign))
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
+        .merge(super::rollouts::routes())
         .route("/api/v1/audit", get(audit_export))
         .route("/api/v1/audit/verify", get(audit_verify))
         .merge(super::registry::routes())
@@ -247,7 +248,7 @@ fn check_name(what: &str, name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
     body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<T> {
     body.map(|Json(v)| v)
@@ -520,7 +521,7 @@ async fn set_labels(
     body: Result<Json<Labels>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let caller = authorize(&app, &headers, Role::Operator).await?;
-    device_id(&id)?;
+    let device = device_id(&id)?;
     let req = json_body(body)?;
     check_labels(&req.labels)?;
     let labels = serde_json::to_value(&req.labels).map_err(ApiError::internal)?;
@@ -533,6 +534,7 @@ async fn set_labels(
     app.store
         .set_labels(app.now_ms(), &id, labels.clone(), audit)
         .await?;
+    app.rollouts.device_changed(device).await;
     Ok(Json(json!({"id": id, "labels": labels})))
 }
 
@@ -581,7 +583,7 @@ pub async fn resolve_model(app: &App, reference: &str) -> ApiResult<store::Model
     Ok(model)
 }
 
-fn assigned(app: &App, model: &store::ModelRow) -> ApiResult<AssignedModel> {
+pub(crate) fn assigned(app: &App, model: &store::ModelRow) -> ApiResult<AssignedModel> {
     Ok(AssignedModel {
         name: ModelName::new(&model.name).map_err(ApiError::internal)?,
         version: ModelVersion::new(&model.version).map_err(ApiError::internal)?,
@@ -593,7 +595,7 @@ fn assigned(app: &App, model: &store::ModelRow) -> ApiResult<AssignedModel> {
 }
 
 /// The JSON summary stored next to a signed assignment (what `GET /devices/{id}` shows).
-fn assignment_summary(a: &Assignment) -> Value {
+pub(crate) fn assignment_summary(a: &Assignment) -> Value {
     let model = |m: &Option<AssignedModel>| {
         m.as_ref().map(|m| {
             json!({"name": m.name.as_str(), "version": m.version.as_str(), "release": m.release, "digest": m.manifest_digest.to_hex()})
@@ -621,8 +623,23 @@ pub(crate) async fn store_assignment(
 ) -> Result<Vec<u8>, StoreError> {
     let now = app.clock.now();
     let device = template.device.to_string();
+    let build = signer(app, now, template, replaces);
+    app.store
+        .assign(now.as_millis() as i64, &device, build, audit)
+        .await
+}
+
+/// Signs `template` as the assignment numbered `seq` (the store picks it inside its
+/// transaction), issued at `now` and valid for [`ASSIGNMENT_TTL_MS`]; returns the signed bytes and
+/// the summary stored beside them. With `replaces`, refuses any `seq` but the next one.
+pub(crate) fn signer(
+    app: &App,
+    now: Timestamp,
+    template: Assignment,
+    replaces: Option<u64>,
+) -> impl FnOnce(u64) -> Result<(Vec<u8>, Value), String> + Send + 'static {
     let keys = app.keys.clone();
-    let build = move |seq: u64| {
+    move |seq: u64| {
         if let Some(old) = replaces
             && seq != old + 1
         {
@@ -641,10 +658,7 @@ pub(crate) async fn store_assignment(
             assignment.sign(keys.controller_key()),
             assignment_summary(&assignment),
         ))
-    };
-    app.store
-        .assign(now.as_millis() as i64, &device, build, audit)
-        .await
+    }
 }
 
 /// Signs, stores and publishes `device`'s next assignment. Shared with the rollout engine.

@@ -211,6 +211,7 @@ async fn enroll(
         logins.allow(req.device.as_str(), key.mqtt_password(req.device.as_str()));
     }
     tracing::info!(device = %req.device, "enrolled");
+    app.rollouts.device_changed(req.device.clone()).await;
     axum::Json(EnrollResponse {
         v: ENROLL_VERSION,
         device: req.device,

@@ -33,6 +33,7 @@ pub mod ratelimit;
 pub mod refresh;
 pub mod registry;
 pub mod revocation;
+pub mod rollouts;
 pub mod store;
 pub mod validate;
 
@@ -75,6 +76,8 @@ pub struct App {
     /// Run as `<validator> validate-model` for each upload.
     pub validator: PathBuf,
     pub validation_memory_mib: u64,
+    /// The rollout driver.
+    pub rollouts: crate::rollout::driver::RolloutHandle,
 }
 
 impl std::fmt::Debug for App {
@@ -186,6 +189,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
                 revocation.crl_path().display()
             )
         })?;
+    let (rollouts, rollout_queue) = crate::rollout::driver::channel();
     let publisher = mqtt::start(
         mqtt::MqttSettings {
             host: mqtt_host.clone(),
@@ -200,6 +204,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
         clock.clone(),
         metrics.clone(),
         takeover,
+        rollouts.clone(),
     );
 
     let api_listener = tokio::net::TcpListener::bind(args.listen)
@@ -248,9 +253,11 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
                 .context("cannot find this program's path to run the model validator")?,
         },
         validation_memory_mib: args.validation_memory_mib,
+        rollouts,
     });
     bootstrap_admin(&app, args).await?;
     refresh::spawn(app.clone());
+    crate::rollout::driver::spawn(app.clone(), rollout_queue);
 
     let refresh = app.clone();
     tokio::spawn(async move {

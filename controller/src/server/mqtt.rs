@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use super::broker::Logins;
 use super::metrics::Metrics;
 use super::store::{Report, StatusUpdate, Store};
+use crate::rollout::driver::{RolloutHandle, reports_of};
 
 /// How the controller reaches its broker.
 #[derive(Debug, Clone)]
@@ -225,6 +226,7 @@ pub fn start(
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     takeover: Takeover,
+    rollouts: RolloutHandle,
 ) -> Publisher {
     let mut options = MqttOptions::new(
         settings.client_id.clone(),
@@ -315,6 +317,7 @@ pub fn start(
     // Open and route each frame; batch reports for the store.
     let (report_tx, mut report_rx) = mpsc::channel::<Incoming>(8192);
     let (open_store, open_metrics, open_clock) = (store.clone(), metrics.clone(), clock.clone());
+    let open_rollouts = rollouts.clone();
     tokio::spawn(async move {
         while let Some((topic, payload)) = raw_rx.recv().await {
             let Ok(parsed) = Topic::parse(&topic) else {
@@ -362,7 +365,15 @@ pub fn start(
                     .await
                 {
                     tracing::error!(%err, "cannot store a device status");
+                    continue;
                 }
+                open_rollouts
+                    .status(
+                        parsed.device.clone(),
+                        status.online,
+                        status.active.as_ref().map(|m| m.manifest_digest),
+                    )
+                    .await;
                 continue;
             }
             let incoming = Incoming {
@@ -393,11 +404,12 @@ pub fn start(
             let now = clock.now().as_millis() as i64;
             let reports: Vec<Report> = batch.iter().map(to_report).collect();
             let mut delay = Duration::from_millis(100);
-            loop {
+            let fresh = loop {
                 match store.ingest(now, &reports).await {
                     Ok(new) => {
-                        metrics.ingested(new, reports.len() as u64 - new);
-                        break;
+                        let n = new.len() as u64;
+                        metrics.ingested(n, reports.len() as u64 - n);
+                        break new;
                     }
                     Err(err) => {
                         // Nothing is acked, so devices keep the reports; retry the same batch.
@@ -406,7 +418,19 @@ pub fn start(
                         delay = (delay * 2).min(Duration::from_secs(10));
                     }
                 }
-            }
+            };
+            // The rollouts learn of each report once: only those this commit inserted.
+            let fresh: std::collections::HashSet<(String, i64)> = fresh.into_iter().collect();
+            let observed: Vec<_> = batch
+                .iter()
+                .filter(|item| fresh.contains(&(item.device.to_string(), item.message.seq as i64)))
+                .flat_map(|item| {
+                    reports_of(&item.message.body)
+                        .into_iter()
+                        .map(|report| (item.device.clone(), report))
+                })
+                .collect();
+            rollouts.observe(observed).await;
             let mut acks: BTreeMap<String, (DeviceId, DeviceMacKey, Vec<u64>)> = BTreeMap::new();
             for item in batch {
                 acks.entry(item.device.to_string())

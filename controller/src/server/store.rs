@@ -204,8 +204,12 @@ const MODEL_COLUMNS: &str = "digest, name, version, release_counter, signed_mani
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RolloutRow {
     pub id: String,
+    /// `rollout` or `experiment`: which engine `state` belongs to.
+    pub kind: String,
     pub candidate: String,
     pub baseline: String,
+    /// The label selector members were chosen by (JSON object).
+    pub selector: serde_json::Value,
     pub phase: String,
     pub state: serde_json::Value,
     pub version: i64,
@@ -225,11 +229,44 @@ pub struct RolloutChange {
     pub outbox: Vec<String>,
 }
 
+/// One outbox assignment to carry out: `build(seq)` signs the device's next assignment and
+/// returns it with its JSON summary (or why it cannot be built).
+pub struct OutboxAssignment {
+    pub seq: i64,
+    pub device: String,
+    #[allow(clippy::type_complexity)]
+    pub build:
+        Box<dyn FnOnce(u64) -> std::result::Result<(Vec<u8>, serde_json::Value), String> + Send>,
+    pub audit: AuditEntry,
+}
+
+impl std::fmt::Debug for OutboxAssignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxAssignment")
+            .field("seq", &self.seq)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of one outbox assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxOutcome {
+    /// Stored; publish these bytes.
+    Signed { device: String, bytes: Vec<u8> },
+    /// Not carried out (and removed from the outbox): the device cannot take assignments.
+    Refused { device: String, reason: String },
+    /// Carried out before (a restart after the commit).
+    AlreadyDone,
+}
+
 fn rollout_row(row: &AnyRow) -> Result<RolloutRow> {
     Ok(RolloutRow {
         id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
         candidate: row.try_get("candidate")?,
         baseline: row.try_get("baseline")?,
+        selector: json_col(row, "selector")?,
         phase: row.try_get("phase")?,
         state: json_col(row, "state")?,
         version: row.try_get("version")?,
@@ -911,15 +948,16 @@ impl Store {
 
     // ---- ingest ----
 
-    /// Commits a batch of reports in one transaction, idempotently on (device, seq); returns how
-    /// many were new. Every report in the batch is durable when this returns.
-    pub async fn ingest(&self, now: i64, batch: &[Report]) -> Result<u64> {
+    /// Commits a batch of reports in one transaction, idempotently on (device, seq); returns the
+    /// (device, seq) of those that were new. Every report in the batch is durable when this
+    /// returns.
+    pub async fn ingest(&self, now: i64, batch: &[Report]) -> Result<Vec<(String, i64)>> {
         if batch.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let _guard = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
+        let mut inserted = Vec::new();
         // Multi-row inserts keep round trips down; 7 parameters per row.
         for chunk in batch.chunks(64) {
             let mut sql = String::from(
@@ -941,7 +979,7 @@ impl Store {
                     b + 7
                 ));
             }
-            sql.push_str(" ON CONFLICT (device, seq) DO NOTHING");
+            sql.push_str(" ON CONFLICT (device, seq) DO NOTHING RETURNING device, seq");
             let mut query = sqlx::query(&sql);
             for r in chunk {
                 query = query
@@ -953,7 +991,9 @@ impl Store {
                     .bind(&r.model_digest)
                     .bind(&r.body);
             }
-            inserted += query.execute(&mut *tx).await?.rows_affected();
+            for row in query.fetch_all(&mut *tx).await? {
+                inserted.push((row.try_get("device")?, row.try_get("seq")?));
+            }
         }
         tx.commit().await?;
         Ok(inserted)
@@ -1016,25 +1056,28 @@ impl Store {
 
     // ---- rollouts ----
 
-    /// Creates a rollout at version 1 with its first actions in the outbox.
+    /// Creates a rollout at version 1 with its first actions in the outbox and its records in
+    /// the audit log.
     pub async fn create_rollout(
         &self,
         now: i64,
         row: &RolloutRow,
         change: RolloutChange,
-        audit: AuditEntry,
+        audits: Vec<AuditEntry>,
     ) -> Result<()> {
         let row = row.clone();
-        self.write(now, Some(audit), move |tx| {
+        self.transaction(now, true, move |tx| {
             Box::pin(async move {
                 sqlx::query(
-                    "INSERT INTO rollouts (id, candidate, baseline, phase, state, version, \
-                     next_deadline, created_by, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, $8)",
+                    "INSERT INTO rollouts (id, kind, candidate, baseline, selector, phase, state, \
+                     version, next_deadline, created_by, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $10)",
                 )
                 .bind(&row.id)
+                .bind(&row.kind)
                 .bind(&row.candidate)
                 .bind(&row.baseline)
+                .bind(row.selector.to_string())
                 .bind(&change.phase)
                 .bind(change.state.to_string())
                 .bind(change.next_deadline)
@@ -1042,24 +1085,27 @@ impl Store {
                 .bind(now)
                 .execute(&mut **tx)
                 .await?;
-                append_outbox(tx, &row.id, &change.outbox).await
+                append_outbox(tx, &row.id, &change.outbox).await?;
+                append_audits(tx, &audits, now).await?;
+                Ok(((), None))
             })
         })
         .await
     }
 
     /// Replaces a rollout's state if it is still at `version` (else `Conflict`: another writer
-    /// moved it), appends the actions to its outbox, and returns the new version.
+    /// moved it), appends the actions to its outbox and the records to the audit log, and
+    /// returns the new version.
     pub async fn save_rollout(
         &self,
         now: i64,
         id: &str,
         version: i64,
         change: RolloutChange,
-        audit: Option<AuditEntry>,
+        audits: Vec<AuditEntry>,
     ) -> Result<i64> {
         let id = id.to_owned();
-        self.write(now, audit, move |tx| {
+        self.transaction(now, !audits.is_empty(), move |tx| {
             Box::pin(async move {
                 let done = sqlx::query(
                     "UPDATE rollouts SET phase = $1, state = $2, next_deadline = $3, \
@@ -1079,7 +1125,8 @@ impl Store {
                     )));
                 }
                 append_outbox(tx, &id, &change.outbox).await?;
-                Ok(version + 1)
+                append_audits(tx, &audits, now).await?;
+                Ok((version + 1, None))
             })
         })
         .await
@@ -1103,6 +1150,16 @@ impl Store {
             .collect()
     }
 
+    /// Rollouts whose phase is not one of `finished`.
+    pub async fn unfinished_rollouts(&self, finished: &[&str]) -> Result<Vec<RolloutRow>> {
+        Ok(self
+            .list_rollouts()
+            .await?
+            .into_iter()
+            .filter(|r| !finished.contains(&r.phase.as_str()))
+            .collect())
+    }
+
     /// The rollout's actions not yet carried out, oldest first.
     pub async fn rollout_outbox(&self, id: &str) -> Result<Vec<(i64, String)>> {
         sqlx::query("SELECT seq, action FROM rollout_outbox WHERE rollout = $1 ORDER BY seq")
@@ -1114,14 +1171,82 @@ impl Store {
             .collect()
     }
 
-    /// Removes one carried-out action from the outbox.
-    pub async fn outbox_done(&self, id: &str, seq: i64) -> Result<()> {
-        sqlx::query("DELETE FROM rollout_outbox WHERE rollout = $1 AND seq = $2")
-            .bind(id)
-            .bind(seq)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Carries out a rollout's outbox assignments in one transaction: each one's outbox entry is
+    /// removed in the same transaction that stores the device's next signed assignment (and its
+    /// audit row), so an entry is carried out exactly once even across crashes. An entry already
+    /// gone (carried out before) is skipped; a device that is revoked or gone is reported, its
+    /// entry removed.
+    pub async fn assign_from_outbox(
+        &self,
+        now: i64,
+        rollout: &str,
+        items: Vec<OutboxAssignment>,
+    ) -> Result<Vec<OutboxOutcome>> {
+        let rollout = rollout.to_owned();
+        self.transaction(now, true, move |tx| {
+            Box::pin(async move {
+                let mut outcomes = Vec::with_capacity(items.len());
+                for item in items {
+                    let removed =
+                        sqlx::query("DELETE FROM rollout_outbox WHERE rollout = $1 AND seq = $2")
+                            .bind(&rollout)
+                            .bind(item.seq)
+                            .execute(&mut **tx)
+                            .await?;
+                    if removed.rows_affected() == 0 {
+                        outcomes.push(OutboxOutcome::AlreadyDone);
+                        continue;
+                    }
+                    let row =
+                        sqlx::query("SELECT assignment_seq, revoked_at FROM devices WHERE id = $1")
+                            .bind(&item.device)
+                            .fetch_optional(&mut **tx)
+                            .await?;
+                    let Some(row) = row else {
+                        outcomes.push(OutboxOutcome::Refused {
+                            device: item.device,
+                            reason: "the device is not enrolled".into(),
+                        });
+                        continue;
+                    };
+                    if row.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
+                        outcomes.push(OutboxOutcome::Refused {
+                            device: item.device,
+                            reason: "the device is revoked".into(),
+                        });
+                        continue;
+                    }
+                    let seq = row.try_get::<i64, _>("assignment_seq")? + 1;
+                    let (bytes, summary) = match (item.build)(seq as u64) {
+                        Ok(built) => built,
+                        Err(reason) => {
+                            outcomes.push(OutboxOutcome::Refused {
+                                device: item.device,
+                                reason,
+                            });
+                            continue;
+                        }
+                    };
+                    sqlx::query(
+                        "UPDATE devices SET assignment_seq = $1, assignment = $2, \
+                         assignment_json = $3 WHERE id = $4",
+                    )
+                    .bind(seq)
+                    .bind(&bytes)
+                    .bind(summary.to_string())
+                    .bind(&item.device)
+                    .execute(&mut **tx)
+                    .await?;
+                    append_audit(tx, &item.audit, now).await?;
+                    outcomes.push(OutboxOutcome::Signed {
+                        device: item.device,
+                        bytes,
+                    });
+                }
+                Ok((outcomes, None))
+            })
+        })
+        .await
     }
 
     // ---- audit ----
@@ -1139,6 +1264,23 @@ impl Store {
         .iter()
         .map(audit_row)
         .collect()
+    }
+
+    /// The latest `limit` audit rows about `object`, oldest first.
+    pub async fn audit_for(&self, object: &str, limit: i64) -> Result<Vec<AuditRecord>> {
+        let mut rows = sqlx::query(
+            "SELECT seq, at, actor, action, object, details, prev_hash, hash FROM audit_log \
+             WHERE object = $1 ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(object)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(audit_row)
+        .collect::<Result<Vec<_>>>()?;
+        rows.reverse();
+        Ok(rows)
     }
 
     /// Runs raw SQL: for tests that play an attacker with direct database access.
@@ -1166,6 +1308,17 @@ async fn append_outbox(
             .bind(action)
             .execute(&mut **tx)
             .await?;
+    }
+    Ok(())
+}
+
+async fn append_audits(
+    tx: &mut Transaction<'static, Any>,
+    entries: &[AuditEntry],
+    now: i64,
+) -> Result<()> {
+    for entry in entries {
+        append_audit(tx, entry, now).await?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod client;
 pub mod device;
 pub mod model;
 pub mod profile;
+pub mod rollout;
 pub mod token;
 
 use anyhow::Result;
@@ -99,4 +100,25 @@ pub fn label_map(
         .into_iter()
         .map(|(k, v)| (k, serde_json::Value::String(v)))
         .collect())
+}
+
+/// A duration: `90`, `90s`, `15m`, `12h`, `7d` → seconds (0 allowed).
+pub fn parse_seconds(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: use seconds or a number with s, m, h or d")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{s:?} is not a duration"))
 }

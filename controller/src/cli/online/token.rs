@@ -61,25 +61,12 @@ pub enum EnrollTokenCommand {
     List,
 }
 
-/// `90`, `90s`, `15m`, `12h`, `7d` → seconds.
+/// A positive duration: `90`, `90s`, `15m`, `12h`, `7d` → seconds.
 fn parse_ttl(s: &str) -> Result<u64, String> {
-    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{s:?}: use seconds or a number with s, m, h or d")),
-    };
-    number
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .filter(|&secs| secs > 0)
-        .ok_or_else(|| format!("{s:?} is not a positive duration"))
+    match super::parse_seconds(s)? {
+        0 => Err(format!("{s:?} is not a positive duration")),
+        secs => Ok(secs),
+    }
 }
 
 const TOKEN_COLUMNS: &[Column] = &[

@@ -1,0 +1,129 @@
+//! `/api/v1/rollouts`: start a staged rollout, list and show rollouts with their progress and
+//! gate values, and the operator's pause, resume, promote, abort and rollback. Every request goes
+//! through the rollout driver (`crate::rollout::driver`), which owns the rollouts' state.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::App;
+use super::api::{ApiError, ApiResult, authorize, json_body};
+use super::auth::Role;
+use crate::rollout::driver::{FINISHED, StartRequest};
+use crate::rollout::engine::{Command, Rollout};
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/api/v1/rollouts", post(start).get(list))
+        .route("/api/v1/rollouts/{id}", get(show))
+        .route("/api/v1/rollouts/{id}/{action}", post(operate))
+}
+
+async fn start(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Json<StartRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let caller = authorize(&app, &headers, Role::Operator).await?;
+    let request = json_body(body)?;
+    let rollout = app.rollouts.start(request, caller.actor()).await?;
+    Ok((StatusCode::CREATED, Json(rollout)))
+}
+
+async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult<impl IntoResponse> {
+    authorize(&app, &headers, Role::Viewer).await?;
+    let rows = app.store.list_rollouts().await?;
+    let rollouts: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let progress = serde_json::from_value::<Rollout>(row.state.clone())
+                .map(|engine| serde_json::to_value(engine.progress()).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null);
+            json!({
+                "id": row.id,
+                "kind": row.kind,
+                "candidate": row.candidate,
+                "baseline": row.baseline,
+                "selector": row.selector,
+                "phase": row.phase,
+                "finished": FINISHED.contains(&row.phase.as_str()),
+                "created_by": row.created_by,
+                "created_at": row.created_at,
+                "updated_at": row.updated_at,
+                "members": progress["members"],
+                "stage": progress["stage"],
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "rollouts": rollouts })))
+}
+
+async fn show(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    authorize(&app, &headers, Role::Viewer).await?;
+    Ok(Json(app.rollouts.show(id).await?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperateRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn operate(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    body: Option<Json<OperateRequest>>,
+) -> ApiResult<impl IntoResponse> {
+    let caller = authorize(&app, &headers, Role::Operator).await?;
+    let reason = body
+        .and_then(|Json(b)| b.reason)
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty());
+    let needs_reason = |what: &str| {
+        reason.clone().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "give a reason to {what} (`{{\"reason\": \"…\"}}`); it goes into the audit log"
+            ))
+        })
+    };
+    if reason.as_ref().is_some_and(|r| r.len() > 1000) {
+        return Err(ApiError::bad_request("a reason is at most 1000 bytes"));
+    }
+    let command = match action.as_str() {
+        "pause" => Command::Pause {
+            reason: needs_reason("pause")?,
+        },
+        "resume" => Command::Resume,
+        "promote" => Command::Promote,
+        "abort" => Command::Abort {
+            reason: needs_reason("abort")?,
+        },
+        "rollback" => Command::Rollback {
+            reason: needs_reason("roll back")?,
+        },
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no rollout action {other:?}; use pause, resume, promote, abort or rollback"
+                ),
+            ));
+        }
+    };
+    Ok(Json(
+        app.rollouts.command(id, caller.actor(), command).await?,
+    ))
+}
