@@ -9,3 +9,4 @@ mod cli_online;
 mod controller_demo;
 mod fleet;
 mod release;
+mod rollout;

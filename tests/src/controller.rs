@@ -33,6 +33,7 @@ pub type Reply = (u16, Value);
 #[derive(Debug)]
 pub struct ControllerProcess {
     child: Option<Child>,
+    spec: ControllerSpec,
     pub data_dir: PathBuf,
     pub api: SocketAddr,
     pub devices: SocketAddr,
@@ -97,63 +98,102 @@ impl ControllerProcess {
     pub fn start(data_dir: &Path, spec: &ControllerSpec) -> Self {
         std::fs::create_dir_all(data_dir).expect("create the data directory");
         let (api, devices) = (free_port(), free_port());
-        let log = data_dir.with_extension("log");
+        let mqtt = match &spec.external {
+            Some((broker, _)) => *broker,
+            None => free_port(),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let mut controller = Self {
+            child: None,
+            spec: spec.clone(),
+            data_dir: data_dir.to_owned(),
+            api,
+            devices,
+            mqtt,
+            log: data_dir.with_extension("log"),
+            token: String::new(),
+            http: http_client(no_tls()),
+            runtime,
+        };
+        controller.spawn();
+        controller
+    }
+
+    /// Starts the process on this controller's data directory and ports, and waits until its
+    /// API answers.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("controller log");
         let mut command = Command::new(bin("edgefleet-controller"));
         command
             .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", &api.to_string()])
-            .args(["--device-listen", &devices.to_string()])
+            .arg(&self.data_dir)
+            .args(["--listen", &self.api.to_string()])
+            .args(["--device-listen", &self.devices.to_string()])
             // The tests poll the API every 20 ms.
             .args(["--rate-limit-per-minute", "1000000"])
             .env("EDGEFLEET_LOG", "info,rumqttd=warn,rumqttc=warn,sqlx=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("controller log"));
-        if let Some(database) = &spec.database {
+            .stderr(log);
+        if let Some(database) = &self.spec.database {
             command.args(["--database", database]);
         }
-        let mqtt = match &spec.external {
+        match &self.spec.external {
             Some((broker, reload)) => {
                 command
                     .args(["--mqtt", &format!("mqtts://{broker}")])
                     .args(["--crl-reload-command", reload]);
-                *broker
             }
             None => {
-                let embedded = free_port();
-                command.args(["--mqtt-listen", &embedded.to_string()]);
-                embedded
+                command.args(["--mqtt-listen", &self.mqtt.to_string()]);
             }
-        };
-        let child = command.spawn().expect("start edgefleet-controller");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let http = http_client(no_tls());
-        let mut controller = Self {
-            child: Some(child),
-            data_dir: data_dir.to_owned(),
-            api,
-            devices,
-            mqtt,
-            log,
-            token: String::new(),
-            http,
-            runtime,
-        };
+        }
+        self.child = Some(command.spawn().expect("start edgefleet-controller"));
+        let (api, data_dir) = (self.api, self.data_dir.clone());
         let token = wait_until(START_TIMEOUT, "the controller's API", || {
-            controller.assert_running();
+            self.assert_running();
             let token = std::fs::read_to_string(data_dir.join("admin-token")).ok()?;
             let url = format!("http://{api}/healthz");
-            let up = controller
+            let up = self
                 .runtime
-                .block_on(async { controller.http.get(&url).send().await.ok() })?;
+                .block_on(async { self.http.get(&url).send().await.ok() })?;
             up.status().is_success().then(|| token.trim().to_owned())
         });
-        controller.token = token;
-        controller
+        self.token = token;
+    }
+
+    /// SIGKILLs the controller: no shutdown of any kind.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same data directory and ports (after [`Self::kill`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// The admin token, for the `edgefleet` CLI (`EDGEFLEET_TOKEN`).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// `EDGEFLEET_URL` and `EDGEFLEET_TOKEN` for an `edgefleet` CLI talking to this controller.
+    pub fn cli_env(&self) -> [(&'static str, String); 2] {
+        [
+            ("EDGEFLEET_URL", format!("http://{}", self.api)),
+            ("EDGEFLEET_TOKEN", self.token.clone()),
+        ]
     }
 
     fn assert_running(&mut self) {
@@ -192,6 +232,21 @@ impl ControllerProcess {
             .block_on(async { reply(request.send().await.expect("GET")).await })
     }
 
+    /// A text answer (e.g. the audit export, JSON lines); panics on a non-2xx status.
+    pub fn get_text(&self, path: &str) -> String {
+        let request = self
+            .http
+            .get(format!("http://{}{path}", self.api))
+            .bearer_auth(&self.token);
+        self.runtime.block_on(async {
+            let response = request.send().await.expect("GET");
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            assert!(status.is_success(), "GET {path}: {status} {text}");
+            text
+        })
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> Reply {
         let request = self
             .http
@@ -204,15 +259,19 @@ impl ControllerProcess {
 
     /// Registers the repo's pump-sensor model (`controller/demo/`); returns its manifest digest.
     pub fn register_demo_model(&self) -> String {
+        self.register_demo_version(
+            json!({"name": "pump-anomaly", "version": "1.0.0", "runtime": {"grace_window_s": 1}}),
+        )
+    }
+
+    /// Registers the pump-sensor model under the registration `metadata` given (name, version,
+    /// schema overrides, runtime settings, lineage); returns its manifest digest.
+    pub fn register_demo_version(&self, metadata: Value) -> String {
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/demo");
         let model = std::fs::read(demo.join("sensor-anomaly.onnx")).expect("the demo model");
         let reference = std::fs::read(demo.join("reference.csv")).expect("the demo reference");
         let form = reqwest::multipart::Form::new()
-            .text(
-                "metadata",
-                json!({"name": "pump-anomaly", "version": "1.0.0", "runtime": {"grace_window_s": 1}})
-                    .to_string(),
-            )
+            .text("metadata", metadata.to_string())
             .part(
                 "model",
                 reqwest::multipart::Part::bytes(model).file_name("model.onnx"),
