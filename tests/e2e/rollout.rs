@@ -108,7 +108,9 @@ impl Bed {
             if rollout["progress"]["phase"] == phase {
                 return rollout;
             }
-            if Instant::now() > deadline {
+            let finished = ["completed", "aborted", "rolled_back"]
+                .contains(&rollout["progress"]["phase"].as_str().unwrap_or(""));
+            if finished || Instant::now() > deadline {
                 panic!(
                     "rollout {id} did not reach {phase}: {rollout:#}\n{}",
                     self.logs()
@@ -253,6 +255,9 @@ fn a_healthy_model_rolls_out_to_every_device_through_three_waves() {
         "100%",
         "--gate",
         "min_inferences=20",
+        // Four agents and the test suite share two cores: latency is noise here.
+        "--gate",
+        "max_p95_latency_ratio=50",
         "--reason",
         "new pump model",
         "--output",
@@ -383,7 +388,7 @@ fn a_model_that_fails_on_live_inputs_is_stopped_at_the_canary_and_rolled_back() 
             "candidate": candidate,
             "selector": {"site": "test"},
             "waves": [{"size": "1", "bake_s": 120}, {"size": "100%"}],
-            "gates": {"min_inferences": 20},
+            "gates": {"min_inferences": 20, "max_p95_latency_ratio": 50},
             "reason": "batch-one export",
         }),
     );
@@ -414,14 +419,17 @@ fn a_model_that_fails_on_live_inputs_is_stopped_at_the_canary_and_rolled_back() 
             bed.baseline.as_str()
         );
     }
-    // The canary answers again on the baseline: batches of four work.
-    let mut client = bed.agents[0].1.client();
+    // The canary answers again on the baseline: batches of four work (once the old worker's
+    // connections have drained).
     let rows = reference_rows();
     let data: Vec<f32> = rows[..4].iter().flatten().copied().collect();
-    let answer = client
-        .infer(&[("features", Tensor::f32(vec![4, 4], data))])
-        .unwrap();
-    assert_eq!(answer.model.digest, bed.baseline);
+    wait_until(WAIT, "the canary to answer a batch of four", || {
+        let mut client = bed.agents[0].1.client();
+        client
+            .infer(&[("features", Tensor::f32(vec![4, 4], data.clone()))])
+            .ok()
+            .filter(|answer| answer.model.digest == bed.baseline)
+    });
 }
 
 #[test]
@@ -441,7 +449,8 @@ fn a_controller_killed_at_random_moments_finishes_the_rollout_correctly() {
                 {"size": "2", "bake_s": 4},
                 {"size": "100%", "bake_s": 2},
             ],
-            "gates": {"min_inferences": 10},
+            // The agents share two cores with the test suite: latency is noise here.
+            "gates": {"min_inferences": 10, "max_p95_latency_ratio": 50},
         }),
     );
     assert_eq!(status, 201, "{answer}");
@@ -475,7 +484,7 @@ fn a_controller_killed_at_random_moments_finishes_the_rollout_correctly() {
         }
         std::thread::sleep(pause);
         let phase = bed.rollout(&id)["progress"]["phase"].clone();
-        if phase == "completed" {
+        if ["completed", "aborted", "rolled_back"].contains(&phase.as_str().unwrap_or("")) {
             break;
         }
         bed.controller.kill();
@@ -520,4 +529,84 @@ fn a_controller_killed_at_random_moments_finishes_the_rollout_correctly() {
     println!("{kills} kills, {resumed} resumes");
     let verify = bed.cli(&["audit", "verify"]);
     assert!(verify.success(), "{}{}", verify.stdout, verify.stderr);
+}
+
+#[test]
+fn an_ab_experiment_finds_the_worse_model_and_promotes_the_better_one() {
+    let mut bed = Bed::start(4);
+    let worse = bed.controller.register_demo_version(json!({
+        "name": "pump-anomaly",
+        "version": "1.1.0",
+        "inputs": ["features:f32:1x4"],
+        "runtime": {"grace_window_s": 1, "max_error_rate": 1.0},
+    }));
+    bed.start_traffic();
+    let started = bed.cli(&[
+        "experiment",
+        "start",
+        "pump-anomaly@1.0.0",
+        "pump-anomaly@1.1.0",
+        "--select",
+        "site=test",
+        "--min-samples",
+        "100",
+        "--duration",
+        "6s",
+        "--max-duration",
+        "5m",
+        "--reason",
+        "batch-one export against the current model",
+        "--output",
+        "json",
+    ]);
+    assert!(started.success(), "{}{}", started.stdout, started.stderr);
+    let answer: Value = serde_json::from_str(&started.stdout).unwrap();
+    let id = answer["id"].as_str().unwrap().to_owned();
+    assert_eq!(answer["progress"]["a"]["devices"], 2, "{answer:#}");
+    assert_eq!(answer["progress"]["b"]["devices"], 2, "{answer:#}");
+    let concluded = wait_until(WAIT, "the experiment to conclude", || {
+        let (_, e) = bed.controller.get(&format!("/api/v1/experiments/{id}"));
+        (e["progress"]["phase"] == "concluded").then_some(e)
+    });
+    let verdict = &concluded["progress"]["verdict"];
+    assert_eq!(verdict["winner"], "A", "{concluded:#}");
+    assert!(verdict["p_value"].as_f64().unwrap() < 0.05, "{verdict:#}");
+    assert!(verdict["n_a"].as_u64().unwrap() >= 100 && verdict["n_b"].as_u64().unwrap() >= 100);
+    assert!(
+        verdict["b"].as_f64().unwrap() > verdict["a"].as_f64().unwrap(),
+        "{verdict:#}"
+    );
+    let status = bed.cli(&["experiment", "status", &id]);
+    assert!(status.success(), "{}", status.stderr);
+    assert!(
+        status.stdout.contains("A is better at alpha 0.05"),
+        "{}",
+        status.stdout
+    );
+
+    let promoted = bed.cli(&["experiment", "promote", &id, "--output", "json"]);
+    assert!(promoted.success(), "{}{}", promoted.stdout, promoted.stderr);
+    let b_devices: Vec<String> = bed
+        .rollout_assignments(&id)
+        .into_iter()
+        .filter(|(_, model, _)| *model == worse)
+        .map(|(device, _, _)| device)
+        .collect();
+    assert_eq!(b_devices.len(), 2, "cohort B was given B");
+    for device in &b_devices {
+        bed.wait_active(device, &bed.baseline.clone());
+        assert_eq!(
+            bed.controller.device(device)["assignment"]["rollback"],
+            true
+        );
+    }
+    for (device, _) in &bed.agents {
+        assert_eq!(
+            bed.controller.device(device)["active_digest"],
+            bed.baseline.as_str()
+        );
+    }
+    let (_, done) = bed.controller.get(&format!("/api/v1/experiments/{id}"));
+    assert_eq!(done["progress"]["phase"], "promoted");
+    assert_eq!(done["progress"]["winner"], "A");
 }

@@ -55,6 +55,8 @@ pub enum Command {
     /// Staged rollouts gated on inference health: start, list, status, watch, pause, resume,
     /// promote, abort, rollback.
     Rollout(Online<online::rollout::RolloutCommand>),
+    /// A/B experiments: two models on two cohorts, compared by a significance test.
+    Experiment(Online<online::experiment::ExperimentCommand>),
     /// Print a shell completion script, e.g. `edgefleet completions bash > /etc/bash_completion.d/edgefleet`.
     Completions {
         #[arg(value_enum)]
@@ -75,6 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(command) => online::run(command, online::token::run_api),
         Command::Audit(command) => online::run(command, online::audit::run),
         Command::Rollout(command) => online::run(command, online::rollout::run),
+        Command::Experiment(command) => online::run(command, online::experiment::run),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics when its writer fails (`| head`).
             let mut script = Vec::new();

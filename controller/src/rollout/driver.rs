@@ -12,9 +12,11 @@
 //! gates' samples, and the resync on load recovers every activation and failure.
 //!
 //! Membership: a rollout takes the devices that match its label selector, are not revoked, run
-//! its baseline and belong to no other unfinished rollout, sorted by id. A device that later
-//! starts matching the selector (enrolled with matching labels, relabelled, or assigned the
-//! baseline) while running the baseline joins it.
+//! its baseline and belong to no other unfinished rollout or experiment, sorted by id. A device
+//! that later starts matching the selector (enrolled with matching labels, relabelled, or
+//! assigned the baseline) while running the baseline joins it. A/B experiments
+//! (`super::experiment`) are driven the same way; their cohorts are fixed at start, split by a
+//! hash of the experiment and device ids.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -24,14 +26,16 @@ use std::time::Duration;
 use edgefleet_protocol::assignment::Assignment;
 use edgefleet_protocol::messages::{DeviceBody, EventKind};
 use edgefleet_protocol::{DeviceId, RolloutId, Sha256Digest, Timestamp};
-use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use super::engine::{
-    self, Action, Command, DeviceReport, Gates, Input, Labels, Member, OnBreach, Rollout,
-    ShadowPlan, Spec, Wave, WaveSize,
-};
+pub mod plan;
+mod view;
+
+pub use self::plan::{ExperimentRequest, StartRequest, parse_size};
+use super::engine::{self, Action, Command, DeviceReport, Input, Labels, Member, Rollout};
+use super::experiment::{Arm, ArmReport, Experiment, ExperimentCommand, ExperimentInput};
 use crate::server::App;
 use crate::server::api::{self, ApiError};
 use crate::server::audit::AuditEntry;
@@ -45,83 +49,10 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 const OUTBOX_CHUNK: usize = 500;
 /// Inputs taken from the queue before the engine runs.
 const MAX_BATCH: usize = 20_000;
-/// Phases after which a rollout never moves again on its own.
-pub const FINISHED: [&str; 3] = ["completed", "aborted", "rolled_back"];
+/// Phases after which a rollout or experiment never moves again.
+pub const FINISHED: [&str; 4] = ["completed", "aborted", "rolled_back", "promoted"];
 pub const KIND_ROLLOUT: &str = "rollout";
-
-/// What the API asks for when it starts a rollout (`POST /api/v1/rollouts`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StartRequest {
-    /// The model to roll out: manifest digest or `name@version`.
-    pub candidate: String,
-    /// The model the members run now; by default the one model every selected device runs.
-    #[serde(default)]
-    pub baseline: Option<String>,
-    /// Only devices with all these labels take part.
-    #[serde(default)]
-    pub selector: Labels,
-    #[serde(default)]
-    pub shadow: Option<ShadowRequest>,
-    /// Waves in order; by default 1 device, 10%, 50%, 100%, each baking 10 minutes but the last.
-    #[serde(default)]
-    pub waves: Option<Vec<WaveRequest>>,
-    #[serde(default = "default_max_per_minute")]
-    pub max_per_minute: u32,
-    #[serde(default = "default_progress_deadline_s")]
-    pub progress_deadline_s: u64,
-    #[serde(default)]
-    pub gates: GatesRequest,
-    #[serde(default = "default_on_breach")]
-    pub on_breach: String,
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-fn default_max_per_minute() -> u32 {
-    1000
-}
-fn default_progress_deadline_s() -> u64 {
-    600
-}
-fn default_on_breach() -> String {
-    "abort".into()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShadowRequest {
-    /// A device count (`"5"`) or a percentage (`"10%"`) of the members.
-    pub cohort: String,
-    pub duration_s: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WaveRequest {
-    /// A device count (`"1"`) or a percentage (`"50%"`), cumulative.
-    pub size: String,
-    #[serde(default)]
-    pub bake_s: u64,
-    #[serde(default)]
-    pub select: Labels,
-}
-
-/// Gate limits; every field defaults to [`Gates::default`]'s.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GatesRequest {
-    pub max_install_failure_rate: Option<f64>,
-    pub min_installs: Option<u64>,
-    pub max_error_rate_increase: Option<f64>,
-    pub max_p95_latency_ratio: Option<f64>,
-    pub min_inferences: Option<u64>,
-    pub min_shadow_agreement: Option<f64>,
-    pub min_shadow_compared: Option<u64>,
-    pub max_drift_score: Option<f64>,
-    pub min_drift_windows: Option<u64>,
-    pub require_evidence: Option<bool>,
-}
+pub const KIND_EXPERIMENT: &str = "experiment";
 
 /// Why the driver refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -184,16 +115,28 @@ pub(crate) enum Request {
         actor: String,
         reply: Reply,
     },
+    StartExperiment {
+        request: Box<ExperimentRequest>,
+        actor: String,
+        reply: Reply,
+    },
     Command {
         id: String,
         actor: String,
-        command: Command,
+        operation: Operation,
         reply: Reply,
     },
     Show {
         id: String,
         reply: Reply,
     },
+}
+
+/// An operator's command, for a rollout or an experiment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    Rollout(Command),
+    Experiment(ExperimentCommand),
 }
 
 /// The way into the driver; cheap to clone.
@@ -209,6 +152,7 @@ impl std::fmt::Debug for Request {
             Request::Status { .. } => "Status",
             Request::DeviceChanged(_) => "DeviceChanged",
             Request::Start { .. } => "Start",
+            Request::StartExperiment { .. } => "StartExperiment",
             Request::Command { .. } => "Command",
             Request::Show { .. } => "Show",
         })
@@ -229,6 +173,12 @@ pub fn reports_of(body: &DeviceBody) -> Vec<DeviceReport> {
                     latency: window.latency.clone(),
                 },
             }];
+            if let Some(feedback) = &window.feedback {
+                reports.push(DeviceReport::Feedback {
+                    model: window.model.manifest_digest,
+                    stats: feedback.clone(),
+                });
+            }
             if let Some(shadow) = &window.shadow {
                 reports.push(DeviceReport::Shadow {
                     model: shadow.model.manifest_digest,
@@ -298,16 +248,29 @@ impl RolloutHandle {
         .await
     }
 
+    pub async fn start_experiment(
+        &self,
+        request: ExperimentRequest,
+        actor: String,
+    ) -> Result<Value, DriverError> {
+        self.ask(|reply| Request::StartExperiment {
+            request: Box::new(request),
+            actor,
+            reply,
+        })
+        .await
+    }
+
     pub async fn command(
         &self,
         id: String,
         actor: String,
-        command: Command,
+        operation: Operation,
     ) -> Result<Value, DriverError> {
         self.ask(|reply| Request::Command {
             id,
             actor,
-            command,
+            operation,
             reply,
         })
         .await
@@ -345,10 +308,165 @@ pub fn spawn(app: Arc<App>, DriverQueue(rx): DriverQueue) {
     });
 }
 
-/// A rollout the driver owns while it is unfinished.
+/// The engine a stored row drives.
+#[derive(Debug, Clone)]
+enum Engine {
+    Rollout(Rollout),
+    Experiment(Experiment),
+}
+
+impl Engine {
+    fn of(row: &RolloutRow) -> Result<Self, DriverError> {
+        let unreadable = |e: serde_json::Error| {
+            DriverError::Invalid(format!(
+                "{} {}: stored state unreadable: {e}",
+                row.kind, row.id
+            ))
+        };
+        match row.kind.as_str() {
+            KIND_ROLLOUT => Ok(Engine::Rollout(
+                serde_json::from_value(row.state.clone()).map_err(unreadable)?,
+            )),
+            KIND_EXPERIMENT => Ok(Engine::Experiment(
+                serde_json::from_value(row.state.clone()).map_err(unreadable)?,
+            )),
+            other => Err(DriverError::Invalid(format!(
+                "{}: unknown kind {other:?}",
+                row.id
+            ))),
+        }
+    }
+
+    fn state(&self) -> Result<Value, serde_json::Error> {
+        match self {
+            Engine::Rollout(r) => serde_json::to_value(r),
+            Engine::Experiment(e) => serde_json::to_value(e),
+        }
+    }
+
+    fn phase(&self) -> &'static str {
+        match self {
+            Engine::Rollout(r) => r.phase.name(),
+            Engine::Experiment(e) => e.phase.name(),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        match self {
+            Engine::Rollout(r) => r.is_finished(),
+            Engine::Experiment(e) => e.is_finished(),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Timestamp> {
+        match self {
+            Engine::Rollout(r) => r.next_deadline(),
+            Engine::Experiment(e) => e.next_deadline(),
+        }
+    }
+
+    fn devices(&self) -> Vec<DeviceId> {
+        match self {
+            Engine::Rollout(r) => r.members.iter().map(|m| m.device.clone()).collect(),
+            Engine::Experiment(e) => e.members.iter().map(|m| m.device.clone()).collect(),
+        }
+    }
+
+    /// Members given a model they may have activated or failed on while nobody watched.
+    fn awaiting(&self) -> Vec<(DeviceId, Sha256Digest)> {
+        match self {
+            Engine::Rollout(r) => r
+                .members
+                .iter()
+                .filter(|m| {
+                    matches!(
+                        m.state,
+                        engine::MemberState::Assigned | engine::MemberState::Active
+                    )
+                })
+                .map(|m| (m.device.clone(), r.spec.candidate))
+                .collect(),
+            Engine::Experiment(e) => e
+                .members
+                .iter()
+                .map(|m| {
+                    let model = match m.arm {
+                        Arm::A => e.spec.a,
+                        Arm::B => e.spec.b,
+                    };
+                    (m.device.clone(), model)
+                })
+                .collect(),
+        }
+    }
+
+    /// The model a device must run to join: an unfinished rollout's baseline.
+    fn joins_on(&self) -> Option<Sha256Digest> {
+        match self {
+            Engine::Rollout(r) if !r.is_finished() => Some(r.spec.baseline),
+            _ => None,
+        }
+    }
+
+    fn handle_all(&mut self, now: Timestamp, inputs: Vec<Input>) -> Vec<Action> {
+        match self {
+            Engine::Rollout(r) => r.handle_all(now, inputs),
+            Engine::Experiment(e) => {
+                let inputs = inputs.into_iter().filter_map(|input| match input {
+                    Input::Tick => Some(ExperimentInput::Tick),
+                    Input::Operator(_) => None,
+                    Input::Device { device, report } => {
+                        let report = match report {
+                            DeviceReport::Activated(m) => ArmReport::Activated(m),
+                            DeviceReport::InstallFailed(m) => ArmReport::InstallFailed(m),
+                            DeviceReport::Telemetry { model, sample } => ArmReport::Telemetry {
+                                model,
+                                sample,
+                                feedback: None,
+                            },
+                            DeviceReport::Feedback { model, stats } => ArmReport::Telemetry {
+                                model,
+                                sample: engine::Sample::default(),
+                                feedback: Some(stats),
+                            },
+                            _ => return None,
+                        };
+                        Some(ExperimentInput::Device { device, report })
+                    }
+                });
+                e.handle_all(now, inputs)
+            }
+        }
+    }
+
+    /// Runs an operator's command; the kinds must match.
+    fn operate(
+        &mut self,
+        now: Timestamp,
+        id: &str,
+        operation: Operation,
+    ) -> Result<Vec<Action>, DriverError> {
+        match (self, operation) {
+            (Engine::Rollout(r), Operation::Rollout(command)) => {
+                Ok(r.handle(now, Input::Operator(command)))
+            }
+            (Engine::Experiment(e), Operation::Experiment(command)) => {
+                Ok(e.handle_all(now, [ExperimentInput::Operator(command)]))
+            }
+            (Engine::Rollout(_), Operation::Experiment(_)) => Err(DriverError::NotFound(format!(
+                "{id} is a rollout, not an experiment; use /api/v1/rollouts/{id}"
+            ))),
+            (Engine::Experiment(_), Operation::Rollout(_)) => Err(DriverError::NotFound(format!(
+                "{id} is an experiment, not a rollout; use /api/v1/experiments/{id}"
+            ))),
+        }
+    }
+}
+
+/// A rollout or experiment the driver owns while it is unfinished.
 struct Live {
     row: RolloutRow,
-    engine: Rollout,
+    engine: Engine,
     version: i64,
     /// Inputs changed the engine since the last save.
     dirty: bool,
@@ -453,7 +571,7 @@ impl Driver {
                     && self
                         .live
                         .values()
-                        .any(|l| l.row.kind == KIND_ROLLOUT && l.engine.spec.baseline == active)
+                        .any(|l| l.engine.joins_on() == Some(active))
                 {
                     self.join_check(&device, inputs).await;
                 }
@@ -471,15 +589,23 @@ impl Driver {
                 let result = self.start(*request, &actor).await;
                 let _ = reply.send(result);
             }
+            Request::StartExperiment {
+                request,
+                actor,
+                reply,
+            } => {
+                let result = self.start_experiment(*request, &actor).await;
+                let _ = reply.send(result);
+            }
             Request::Command {
                 id,
                 actor,
-                command,
+                operation,
                 reply,
             } => {
                 // Inputs queued before the command are applied first.
                 self.advance(std::mem::take(inputs)).await;
-                let result = self.command(&id, &actor, command).await;
+                let result = self.command(&id, &actor, operation).await;
                 let _ = reply.send(result);
             }
             Request::Show { id, reply } => {
@@ -511,9 +637,8 @@ impl Driver {
         for id in ids {
             let live = &self.live[id];
             let selector = labels_of(&live.row.selector);
-            if live.row.kind == KIND_ROLLOUT
-                && !live.engine.is_finished()
-                && active == Some(live.engine.spec.baseline)
+            if active.is_some()
+                && live.engine.joins_on() == active
                 && engine::matches(&selector, &labels)
             {
                 let id = id.clone();
@@ -610,7 +735,7 @@ impl Driver {
                 if operator { actor } else { "controller" },
                 "rollout.progress",
                 &object,
-                json!({ "record": text, "phase": live.engine.phase.name() }),
+                json!({ "record": text, "phase": live.engine.phase() }),
             ));
         }
         let change = match change_of(&live.engine, outbox) {
@@ -657,14 +782,14 @@ impl Driver {
 
     fn retire(&mut self, id: &str) {
         if let Some(live) = self.live.remove(id) {
-            for member in &live.engine.members {
-                if self.members.get(&member.device).map(String::as_str) == Some(id) {
-                    self.members.remove(&member.device);
+            for device in live.engine.devices() {
+                if self.members.get(&device).map(String::as_str) == Some(id) {
+                    self.members.remove(&device);
                 }
             }
             tracing::info!(
                 rollout = id,
-                phase = live.engine.phase.name(),
+                phase = live.engine.phase(),
                 "rollout finished"
             );
         }
@@ -781,17 +906,13 @@ impl Driver {
         Ok(())
     }
 
-    /// Takes over a stored unfinished rollout: its engine, its members, its outbox.
+    /// Takes over a stored unfinished rollout or experiment: its engine, its members, its
+    /// outbox.
     async fn adopt(&mut self, row: RolloutRow) -> Result<(), DriverError> {
-        let engine: Rollout = serde_json::from_value(row.state.clone()).map_err(|err| {
-            DriverError::Invalid(format!(
-                "rollout {}: stored state unreadable: {err}",
-                row.id
-            ))
-        })?;
+        let engine = Engine::of(&row)?;
         let id = row.id.clone();
-        for member in &engine.members {
-            self.members.insert(member.device.clone(), id.clone());
+        for device in engine.devices() {
+            self.members.insert(device, id.clone());
         }
         self.live.insert(
             id.clone(),
@@ -807,16 +928,17 @@ impl Driver {
         Ok(())
     }
 
-    /// At start: every unfinished rollout, resynced with what its members did meanwhile.
+    /// At start: every unfinished rollout and experiment, resynced with what its members did
+    /// meanwhile.
     async fn load(&mut self) -> Result<(), DriverError> {
         let rows = self.app.store.unfinished_rollouts(&FINISHED).await?;
         for row in rows {
-            if row.kind != KIND_ROLLOUT {
-                continue;
-            }
             let id = row.id.clone();
             let since = row.created_at;
-            self.adopt(row).await?;
+            if let Err(err) = self.adopt(row).await {
+                tracing::error!(error = %err, rollout = %id, "cannot resume a rollout; it stays where it is");
+                continue;
+            }
             let inputs = self.resync(&id, since).await?;
             tracing::info!(rollout = %id, inputs = inputs.len(), "resumed an unfinished rollout");
             if let Some(live) = self.live.get_mut(&id) {
@@ -830,12 +952,12 @@ impl Driver {
     }
 
     /// What the members reported while nobody drove the rollout: online flags, and for members
-    /// given the candidate whether they activated it or failed (the latest event about it).
+    /// given a model whether they activated it or failed (the latest event about it, else the
+    /// model their status says they run).
     async fn resync(&self, id: &str, since: i64) -> Result<Vec<Input>, DriverError> {
         let Some(live) = self.live.get(id) else {
             return Ok(Vec::new());
         };
-        let candidate = live.engine.spec.candidate;
         let rows: HashMap<String, _> = self
             .app
             .store
@@ -845,53 +967,101 @@ impl Driver {
             .map(|d| (d.id.clone(), d))
             .collect();
         let mut inputs = Vec::new();
-        for member in &live.engine.members {
-            let Some(row) = rows.get(member.device.as_str()) else {
+        for device in live.engine.devices() {
+            if let Some(row) = rows.get(device.as_str()) {
+                inputs.push(Input::Device {
+                    device,
+                    report: DeviceReport::Online(row.online),
+                });
+            }
+        }
+        for (device, model) in live.engine.awaiting() {
+            let Some(row) = rows.get(device.as_str()) else {
                 continue;
             };
-            inputs.push(Input::Device {
-                device: member.device.clone(),
-                report: DeviceReport::Online(row.online),
-            });
-            if !matches!(
-                member.state,
-                engine::MemberState::Assigned | engine::MemberState::Active
-            ) {
-                continue;
-            }
+            let hex = model.to_hex();
             let events = self
                 .app
                 .store
-                .recent_reports(member.device.as_str(), Some("event"), 50)
+                .recent_reports(device.as_str(), Some("event"), 50)
                 .await?;
             let latest = events.iter().find_map(|event| {
-                if event.sent_at < since
-                    || event.model_digest.as_deref() != Some(candidate.to_hex().as_str())
-                {
+                if event.sent_at < since || event.model_digest.as_deref() != Some(hex.as_str()) {
                     return None;
                 }
                 let kind = &event.body["kind"];
                 if kind == "activated" {
-                    Some(DeviceReport::Activated(candidate))
+                    Some(DeviceReport::Activated(model))
                 } else if kind.get("install_failed").is_some() || kind.get("rolled_back").is_some()
                 {
-                    Some(DeviceReport::InstallFailed(candidate))
+                    Some(DeviceReport::InstallFailed(model))
                 } else {
                     None
                 }
             });
             let latest = latest.or_else(|| {
-                (row.active_digest.as_deref() == Some(candidate.to_hex().as_str()))
-                    .then_some(DeviceReport::Activated(candidate))
+                (row.active_digest.as_deref() == Some(hex.as_str()))
+                    .then_some(DeviceReport::Activated(model))
             });
             if let Some(report) = latest {
-                inputs.push(Input::Device {
-                    device: member.device.clone(),
-                    report,
-                });
+                inputs.push(Input::Device { device, report });
             }
         }
         Ok(inputs)
+    }
+
+    /// Devices of `selected` already in an unfinished rollout or experiment: refused, naming one.
+    fn check_free(&self, selected: &[DeviceId]) -> Result<(), DriverError> {
+        for device in selected {
+            if let Some(other) = self.members.get(device) {
+                return Err(DriverError::Conflict(format!(
+                    "device {device} is in unfinished {other}; wait for it to finish, end it, or narrow the selector"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the row with the engine's first actions, then drives it.
+    async fn create(
+        &mut self,
+        row: RolloutRow,
+        engine: Engine,
+        actions: Vec<Action>,
+        mut audits: Vec<AuditEntry>,
+        actor: &str,
+    ) -> Result<(), DriverError> {
+        let now = self.now();
+        let mut outbox = Vec::new();
+        for action in actions {
+            match action {
+                Action::Record(text) => audits.push(AuditEntry::new(
+                    actor,
+                    "rollout.progress",
+                    format!("rollout:{}", row.id),
+                    json!({"record": text, "phase": engine.phase()}),
+                )),
+                assign => outbox.push(
+                    serde_json::to_string(&assign)
+                        .map_err(|e| DriverError::Invalid(e.to_string()))?,
+                ),
+            }
+        }
+        let change = change_of(&engine, outbox).map_err(|e| DriverError::Invalid(e.to_string()))?;
+        self.app
+            .store
+            .create_rollout(ms(now), &row, change, audits)
+            .await?;
+        let stored = self.app.store.get_rollout(&row.id).await?;
+        self.adopt(stored).await?;
+        if self
+            .live
+            .get(&row.id)
+            .is_some_and(|l| l.engine.is_finished())
+        {
+            self.retire(&row.id);
+        }
+        Ok(())
     }
 
     async fn start(&mut self, request: StartRequest, actor: &str) -> Result<Value, DriverError> {
@@ -974,11 +1144,6 @@ impl Driver {
                     .entry("wrong_arch")
                     .or_default()
                     .push(device.id.clone());
-            } else if let Some(other) = self.members.get(&id) {
-                return Err(DriverError::Conflict(format!(
-                    "device {} is in unfinished rollout {other}; wait for it to finish, abort it, or narrow the selector",
-                    device.id
-                )));
             } else {
                 members.push(Member::new(id, device.online, labels_of(&device.labels)));
             }
@@ -990,7 +1155,8 @@ impl Driver {
             )));
         }
         members.sort_by(|a, b| a.device.as_str().cmp(b.device.as_str()));
-        let spec = spec_of(&request, candidate_digest, baseline_digest)?;
+        self.check_free(&members.iter().map(|m| m.device.clone()).collect::<Vec<_>>())?;
+        let spec = plan::spec_of(&request, candidate_digest, baseline_digest)?;
         let id = crate::server::auth::new_id("ro");
         let (engine, actions) = Rollout::start(now, spec.clone(), members);
         let row = RolloutRow {
@@ -1007,8 +1173,7 @@ impl Driver {
             created_at: ms(now),
             updated_at: ms(now),
         };
-        let mut outbox = Vec::new();
-        let mut audits = vec![AuditEntry::new(
+        let audits = vec![AuditEntry::new(
             actor,
             "rollout.start",
             format!("rollout:{id}"),
@@ -1019,62 +1184,133 @@ impl Driver {
                 "members": engine.members.len(),
                 "excluded": excluded,
                 "reason": request.reason,
-                "plan": plan_json(&spec),
+                "plan": plan::plan_json(&spec),
             }),
         )];
-        for action in actions {
-            match action {
-                Action::Record(text) => audits.push(AuditEntry::new(
-                    actor,
-                    "rollout.progress",
-                    format!("rollout:{id}"),
-                    json!({"record": text, "phase": engine.phase.name()}),
-                )),
-                assign => outbox.push(
-                    serde_json::to_string(&assign)
-                        .map_err(|e| DriverError::Invalid(e.to_string()))?,
-                ),
-            }
-        }
-        let change = change_of(&engine, outbox).map_err(|e| DriverError::Invalid(e.to_string()))?;
-        self.app
-            .store
-            .create_rollout(ms(now), &row, change, audits)
-            .await?;
         self.models.insert(candidate_digest, candidate);
         self.models.insert(baseline_digest, baseline);
-        let row = self.app.store.get_rollout(&id).await?;
-        self.adopt(row).await?;
-        if self.live.get(&id).is_some_and(|l| l.engine.is_finished()) {
-            self.retire(&id);
-        }
+        self.create(row, Engine::Rollout(engine), actions, audits, actor)
+            .await?;
         let mut shown = self.show(&id).await?;
         shown["excluded"] = json!(excluded);
         Ok(shown)
+    }
+
+    async fn start_experiment(
+        &mut self,
+        request: ExperimentRequest,
+        actor: &str,
+    ) -> Result<Value, DriverError> {
+        let now = self.now();
+        let a = api::resolve_model(&self.app, &request.a).await?;
+        let b = api::resolve_model(&self.app, &request.b).await?;
+        if a.digest == b.digest {
+            return Err(DriverError::Invalid(
+                "an experiment compares two different models".into(),
+            ));
+        }
+        let (a_digest, b_digest) = (digest(&a.digest)?, digest(&b.digest)?);
+        let spec = plan::experiment_spec_of(&request, a_digest, b_digest)?;
+        let arch_ok = |model: &ModelRow, arch: &str| {
+            matches!(
+                model.manifest["target"]["arch"].as_str(),
+                None | Some("any")
+            ) || model.manifest["target"]["arch"].as_str() == Some(arch)
+        };
+        let id = crate::server::auth::new_id("ex");
+        let mut selected: Vec<(DeviceId, Option<Sha256Digest>)> = Vec::new();
+        for device in self.app.store.list_devices().await? {
+            if device.revoked_at.is_some()
+                || !engine::matches(&request.selector, &labels_of(&device.labels))
+                || !arch_ok(&a, &device.arch)
+                || !arch_ok(&b, &device.arch)
+            {
+                continue;
+            }
+            let Ok(device_id) = DeviceId::new(&device.id) else {
+                continue;
+            };
+            let running = device
+                .active_digest
+                .as_deref()
+                .and_then(|d| Sha256Digest::from_str(d).ok());
+            selected.push((device_id, running));
+        }
+        if selected.len() < 2 {
+            return Err(DriverError::Invalid(format!(
+                "an experiment needs at least two devices; the selector matches {}",
+                selected.len()
+            )));
+        }
+        self.check_free(&selected.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>())?;
+        // A random but stable split: by a hash of the experiment and device ids.
+        selected.sort_by_key(|(device, _)| {
+            Sha256::digest(format!("{id}/{device}").as_bytes()).to_vec()
+        });
+        let n_b = (selected.len() * usize::from(request.split_percent))
+            .div_ceil(100)
+            .clamp(1, selected.len() - 1);
+        let mut members: Vec<(DeviceId, Arm, Option<Sha256Digest>)> = selected
+            .into_iter()
+            .enumerate()
+            .map(|(i, (device, running))| (device, if i < n_b { Arm::B } else { Arm::A }, running))
+            .collect();
+        members.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        let (engine, actions) = Experiment::start(now, spec, members);
+        let row = RolloutRow {
+            id: id.clone(),
+            kind: KIND_EXPERIMENT.into(),
+            candidate: b.digest.clone(),
+            baseline: a.digest.clone(),
+            selector: serde_json::to_value(&request.selector).unwrap_or(Value::Null),
+            phase: engine.phase.name().into(),
+            state: Value::Null,
+            version: 1,
+            next_deadline: None,
+            created_by: actor.to_owned(),
+            created_at: ms(now),
+            updated_at: ms(now),
+        };
+        let audits = vec![AuditEntry::new(
+            actor,
+            "experiment.start",
+            format!("rollout:{id}"),
+            json!({
+                "a": {"digest": a.digest, "name": a.name, "version": a.version},
+                "b": {"digest": b.digest, "name": b.name, "version": b.version},
+                "selector": request.selector,
+                "members": engine.members.len(),
+                "cohort_b": n_b,
+                "metric": request.metric,
+                "alpha": request.alpha,
+                "min_samples": request.min_samples,
+                "duration_s": request.duration_s,
+                "reason": request.reason,
+            }),
+        )];
+        self.models.insert(a_digest, a);
+        self.models.insert(b_digest, b);
+        self.create(row, Engine::Experiment(engine), actions, audits, actor)
+            .await?;
+        self.show(&id).await
     }
 
     async fn command(
         &mut self,
         id: &str,
         actor: &str,
-        command: Command,
+        operation: Operation,
     ) -> Result<Value, DriverError> {
         if !self.live.contains_key(id) {
-            // Finished rollouts are not live; `rollback` still applies to a completed one.
+            // Finished ones are not live; `rollback` still applies to a completed rollout.
             let row = match self.app.store.get_rollout(id).await {
                 Ok(row) => row,
                 Err(StoreError::NotFound(_)) => {
-                    return Err(DriverError::NotFound(format!("rollout {id:?} not found")));
+                    return Err(DriverError::NotFound(format!("{id:?} not found")));
                 }
                 Err(err) => return Err(err.into()),
             };
-            if row.kind != KIND_ROLLOUT {
-                return Err(DriverError::Invalid(format!(
-                    "{id} is an experiment, not a rollout"
-                )));
-            }
-            let engine: Rollout = serde_json::from_value(row.state.clone())
-                .map_err(|e| DriverError::Invalid(format!("stored state unreadable: {e}")))?;
+            let engine = Engine::of(&row)?;
             self.live.insert(
                 id.to_owned(),
                 Live {
@@ -1087,24 +1323,42 @@ impl Driver {
             );
         }
         let now = self.now();
-        let (name, reason) = match &command {
-            Command::Pause { reason } => ("rollout.pause", Some(reason.clone())),
-            Command::Resume => ("rollout.resume", None),
-            Command::Promote => ("rollout.promote", None),
-            Command::Abort { reason } => ("rollout.abort", Some(reason.clone())),
-            Command::Rollback { reason } => ("rollout.rollback", Some(reason.clone())),
+        let (name, reason) = match &operation {
+            Operation::Rollout(Command::Pause { reason }) => {
+                ("rollout.pause", Some(reason.clone()))
+            }
+            Operation::Rollout(Command::Resume) => ("rollout.resume", None),
+            Operation::Rollout(Command::Promote) => ("rollout.promote", None),
+            Operation::Rollout(Command::Abort { reason }) => {
+                ("rollout.abort", Some(reason.clone()))
+            }
+            Operation::Rollout(Command::Rollback { reason }) => {
+                ("rollout.rollback", Some(reason.clone()))
+            }
+            Operation::Experiment(ExperimentCommand::Conclude) => ("experiment.conclude", None),
+            Operation::Experiment(ExperimentCommand::Promote) => ("experiment.promote", None),
+            Operation::Experiment(ExperimentCommand::Abort { reason }) => {
+                ("experiment.abort", Some(reason.clone()))
+            }
         };
         let Some(live) = self.live.get_mut(id) else {
-            return Err(DriverError::NotFound(format!("rollout {id:?} not found")));
+            return Err(DriverError::NotFound(format!("{id:?} not found")));
         };
-        let before = live.engine.phase.clone();
-        let actions = live.engine.handle(now, Input::Operator(command));
-        let after = live.engine.phase.name();
-        let details =
-            json!({"reason": reason, "phase_before": before.name(), "phase_after": after});
+        let before = live.engine.phase();
+        let actions = match live.engine.operate(now, id, operation) {
+            Ok(actions) => actions,
+            Err(err) => {
+                if live.engine.is_finished() {
+                    self.live.remove(id);
+                }
+                return Err(err);
+            }
+        };
+        let after = live.engine.phase();
+        let details = json!({"reason": reason, "phase_before": before, "phase_after": after});
         if !self.commit(id, actor, name, details, actions).await {
             return Err(DriverError::Conflict(format!(
-                "rollout {id} changed meanwhile; look at it again and retry"
+                "{id} changed meanwhile; look at it again and retry"
             )));
         }
         if self.live.get(id).is_some_and(|l| l.engine.is_finished()) {
@@ -1113,7 +1367,7 @@ impl Driver {
         self.show(id).await
     }
 
-    /// The rollout as the API shows it.
+    /// The rollout or experiment as the API shows it.
     async fn show(&mut self, id: &str) -> Result<Value, DriverError> {
         let (row, engine, version) = match self.live.get(id) {
             Some(live) => (live.row.clone(), live.engine.clone(), live.version),
@@ -1121,26 +1375,32 @@ impl Driver {
                 let row = match self.app.store.get_rollout(id).await {
                     Ok(row) => row,
                     Err(StoreError::NotFound(_)) => {
-                        return Err(DriverError::NotFound(format!("rollout {id:?} not found")));
+                        return Err(DriverError::NotFound(format!("{id:?} not found")));
                     }
                     Err(err) => return Err(err.into()),
                 };
-                let engine: Rollout = serde_json::from_value(row.state.clone())
-                    .map_err(|e| DriverError::Invalid(format!("stored state unreadable: {e}")))?;
+                let engine = Engine::of(&row)?;
                 let version = row.version;
                 (row, engine, version)
             }
         };
-        let candidate = self.model(&engine.spec.candidate).await?;
-        let baseline = self.model(&engine.spec.baseline).await?;
         let records = self
             .app
             .store
             .audit_for(&format!("rollout:{id}"), 50)
             .await?;
-        Ok(rollout_json(
-            &row, &engine, version, &candidate, &baseline, &records,
-        ))
+        Ok(match &engine {
+            Engine::Rollout(rollout) => {
+                let candidate = self.model(&rollout.spec.candidate).await?;
+                let baseline = self.model(&rollout.spec.baseline).await?;
+                view::rollout_json(&row, rollout, version, &candidate, &baseline, &records)
+            }
+            Engine::Experiment(experiment) => {
+                let a = self.model(&experiment.spec.a).await?;
+                let b = self.model(&experiment.spec.b).await?;
+                view::experiment_json(&row, experiment, version, &a, &b, &records)
+            }
+        })
     }
 }
 
@@ -1165,213 +1425,11 @@ pub fn labels_of(value: &Value) -> Labels {
         .collect()
 }
 
-fn change_of(engine: &Rollout, outbox: Vec<String>) -> Result<RolloutChange, serde_json::Error> {
+fn change_of(engine: &Engine, outbox: Vec<String>) -> Result<RolloutChange, serde_json::Error> {
     Ok(RolloutChange {
-        phase: engine.phase.name().into(),
-        state: serde_json::to_value(engine)?,
+        phase: engine.phase().into(),
+        state: engine.state()?,
         next_deadline: engine.next_deadline().map(ms),
         outbox,
-    })
-}
-
-/// `"5"` or `"10%"`.
-pub fn parse_size(text: &str) -> Result<WaveSize, String> {
-    let text = text.trim();
-    if let Some(percent) = text.strip_suffix('%') {
-        match percent.trim().parse::<u8>() {
-            Ok(p) if (1..=100).contains(&p) => Ok(WaveSize::Percent(p)),
-            _ => Err(format!("{text:?}: a percentage is 1% to 100%")),
-        }
-    } else {
-        match text.parse::<u32>() {
-            Ok(n) if n > 0 => Ok(WaveSize::Count(n)),
-            _ => Err(format!(
-                "{text:?}: give a device count (e.g. 5) or a percentage (e.g. 10%)"
-            )),
-        }
-    }
-}
-
-fn fraction(name: &str, value: f64, max: f64) -> Result<f64, DriverError> {
-    if value.is_finite() && (0.0..=max).contains(&value) {
-        Ok(value)
-    } else {
-        Err(DriverError::Invalid(format!(
-            "gate {name} = {value} is out of range (0 to {max})"
-        )))
-    }
-}
-
-/// The engine's plan from the API's request, every value checked.
-fn spec_of(
-    request: &StartRequest,
-    candidate: Sha256Digest,
-    baseline: Sha256Digest,
-) -> Result<Spec, DriverError> {
-    let invalid = DriverError::Invalid;
-    let waves = match &request.waves {
-        None => vec![
-            Wave {
-                size: WaveSize::Count(1),
-                bake_ms: 600_000,
-                select: Labels::new(),
-            },
-            Wave {
-                size: WaveSize::Percent(10),
-                bake_ms: 600_000,
-                select: Labels::new(),
-            },
-            Wave {
-                size: WaveSize::Percent(50),
-                bake_ms: 600_000,
-                select: Labels::new(),
-            },
-            Wave {
-                size: WaveSize::Percent(100),
-                bake_ms: 0,
-                select: Labels::new(),
-            },
-        ],
-        Some(waves) if waves.is_empty() => return Err(invalid("give at least one wave".into())),
-        Some(waves) if waves.len() > 32 => return Err(invalid("at most 32 waves".into())),
-        Some(waves) => waves
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                Ok(Wave {
-                    size: parse_size(&w.size)
-                        .map_err(|e| invalid(format!("wave {}: size {e}", i + 1)))?,
-                    bake_ms: w.bake_s.saturating_mul(1000),
-                    select: w.select.clone(),
-                })
-            })
-            .collect::<Result<_, DriverError>>()?,
-    };
-    let shadow = request
-        .shadow
-        .as_ref()
-        .map(|s| {
-            Ok::<_, DriverError>(ShadowPlan {
-                cohort: parse_size(&s.cohort).map_err(|e| invalid(format!("shadow cohort {e}")))?,
-                duration_ms: s.duration_s.saturating_mul(1000),
-            })
-        })
-        .transpose()?;
-    if request.max_per_minute == 0 {
-        return Err(invalid("max_per_minute must be at least 1".into()));
-    }
-    if request.progress_deadline_s == 0 {
-        return Err(invalid("progress_deadline_s must be at least 1".into()));
-    }
-    let on_breach = match request.on_breach.as_str() {
-        "abort" => OnBreach::Abort,
-        "pause" => OnBreach::Pause,
-        other => {
-            return Err(invalid(format!(
-                "on_breach {other:?}: use \"abort\" (roll back) or \"pause\""
-            )));
-        }
-    };
-    let given = &request.gates;
-    let default = Gates::default();
-    let gates = Gates {
-        max_install_failure_rate: fraction(
-            "max_install_failure_rate",
-            given
-                .max_install_failure_rate
-                .unwrap_or(default.max_install_failure_rate),
-            1.0,
-        )?,
-        min_installs: given.min_installs.unwrap_or(default.min_installs),
-        max_error_rate_increase: fraction(
-            "max_error_rate_increase",
-            given
-                .max_error_rate_increase
-                .unwrap_or(default.max_error_rate_increase),
-            1.0,
-        )?,
-        max_p95_latency_ratio: fraction(
-            "max_p95_latency_ratio",
-            given
-                .max_p95_latency_ratio
-                .unwrap_or(default.max_p95_latency_ratio),
-            1e6,
-        )?,
-        min_inferences: given.min_inferences.unwrap_or(default.min_inferences),
-        min_shadow_agreement: given
-            .min_shadow_agreement
-            .map(|v| fraction("min_shadow_agreement", v, 1.0))
-            .transpose()?,
-        min_shadow_compared: given
-            .min_shadow_compared
-            .unwrap_or(default.min_shadow_compared),
-        max_drift_score: given
-            .max_drift_score
-            .map(|v| fraction("max_drift_score", v, 1e6))
-            .transpose()?,
-        min_drift_windows: given.min_drift_windows.unwrap_or(default.min_drift_windows),
-        require_evidence: given.require_evidence.unwrap_or(default.require_evidence),
-    };
-    Ok(Spec {
-        candidate,
-        baseline,
-        shadow,
-        waves,
-        max_per_minute: request.max_per_minute,
-        progress_deadline_ms: request.progress_deadline_s.saturating_mul(1000),
-        gates,
-        on_breach,
-    })
-}
-
-fn plan_json(spec: &Spec) -> Value {
-    json!({
-        "shadow": spec.shadow.map(|s| json!({"cohort": s.cohort.to_string(), "duration_s": s.duration_ms / 1000})),
-        "waves": spec.waves.iter().map(|w| json!({"size": w.size.to_string(), "bake_s": w.bake_ms / 1000, "select": w.select})).collect::<Vec<_>>(),
-        "max_per_minute": spec.max_per_minute,
-        "progress_deadline_s": spec.progress_deadline_ms / 1000,
-        "gates": spec.gates,
-        "on_breach": match spec.on_breach { OnBreach::Abort => "abort", OnBreach::Pause => "pause" },
-    })
-}
-
-fn model_json(row: &ModelRow) -> Value {
-    json!({"digest": row.digest, "name": row.name, "version": row.version, "release": row.release})
-}
-
-fn rollout_json(
-    row: &RolloutRow,
-    engine: &Rollout,
-    version: i64,
-    candidate: &ModelRow,
-    baseline: &ModelRow,
-    records: &[crate::server::audit::AuditRecord],
-) -> Value {
-    let records: Vec<Value> = records
-        .iter()
-        .map(|r| {
-            let details: Value = serde_json::from_str(&r.details).unwrap_or(Value::Null);
-            json!({
-                "at": r.at,
-                "actor": r.actor,
-                "action": r.action,
-                "text": details.get("record").cloned().unwrap_or(Value::Null),
-                "reason": details.get("reason").cloned().unwrap_or(Value::Null),
-            })
-        })
-        .collect();
-    json!({
-        "id": row.id,
-        "kind": row.kind,
-        "candidate": model_json(candidate),
-        "baseline": model_json(baseline),
-        "selector": row.selector,
-        "created_by": row.created_by,
-        "created_at": row.created_at,
-        "version": version,
-        "next_deadline": engine.next_deadline().map(ms),
-        "plan": plan_json(&engine.spec),
-        "progress": engine.progress(),
-        "records": records,
     })
 }

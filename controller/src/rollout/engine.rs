@@ -32,6 +32,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use edgefleet_protocol::messages::FeedbackStats;
 use edgefleet_protocol::sketch::LatencyHistogram;
 use edgefleet_protocol::{DeviceId, Sha256Digest, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -268,6 +269,11 @@ pub enum DeviceReport {
     Shadow {
         model: Sha256Digest,
         sample: ShadowSample,
+    },
+    /// Ground-truth feedback over one window of `model` (used by experiments).
+    Feedback {
+        model: Sha256Digest,
+        stats: FeedbackStats,
     },
     /// The drift detector's score for one window of `model` on this device.
     Drift {

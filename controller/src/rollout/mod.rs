@@ -4,6 +4,7 @@
 
 pub mod driver;
 pub mod engine;
+pub mod experiment;
 
 #[cfg(test)]
 mod tests;

@@ -159,6 +159,9 @@ fn describe(report: &DeviceReport) -> String {
             sample.errors
         ),
         DeviceReport::Joined { labels } => format!("joined {labels:?}"),
+        DeviceReport::Feedback { model, stats } => {
+            format!("feedback {} {}/{}", name(model), stats.correct, stats.count)
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod client;
 pub mod device;
+pub mod experiment;
 pub mod model;
 pub mod profile;
 pub mod rollout;
