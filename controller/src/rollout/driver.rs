@@ -1327,6 +1327,7 @@ impl Driver {
             Operation::Rollout(Command::Pause { reason }) => {
                 ("rollout.pause", Some(reason.clone()))
             }
+            Operation::Rollout(Command::Approve) => ("rollout.approve", None),
             Operation::Rollout(Command::Resume) => ("rollout.resume", None),
             Operation::Rollout(Command::Promote) => ("rollout.promote", None),
             Operation::Rollout(Command::Abort { reason }) => {

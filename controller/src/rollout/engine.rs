@@ -150,6 +150,9 @@ pub struct Spec {
     pub progress_deadline_ms: u64,
     pub gates: Gates,
     pub on_breach: OnBreach,
+    /// Wait for an operator's approval before the first assignment.
+    #[serde(default)]
+    pub approval: bool,
 }
 
 /// Where one member stands.
@@ -288,6 +291,8 @@ pub enum DeviceReport {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// Lets a rollout that waits for approval begin.
+    Approve,
     Pause {
         reason: String,
     },
@@ -428,6 +433,8 @@ pub enum Stage {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Phase {
+    /// Nothing assigned yet: waits for an operator's approval.
+    AwaitingApproval,
     /// The shadow cohort runs the candidate in shadow until `until` (and enough evidence).
     Shadowing {
         until: Timestamp,
@@ -459,6 +466,7 @@ pub enum Phase {
 impl Phase {
     pub fn name(&self) -> &'static str {
         match self {
+            Phase::AwaitingApproval => "awaiting_approval",
             Phase::Shadowing { .. } => "shadowing",
             Phase::Installing { .. } => "installing",
             Phase::Baking { .. } => "baking",
@@ -536,14 +544,10 @@ const MINUTE_MS: u64 = 60_000;
 impl Rollout {
     /// A rollout over `members`, starting at `now`.
     pub fn start(now: Timestamp, spec: Spec, members: Vec<Member>) -> (Self, Vec<Action>) {
-        let phase = match spec.shadow {
-            Some(plan) => Phase::Shadowing {
-                until: Timestamp(now.0.saturating_add(plan.duration_ms)),
-            },
-            None => Phase::Installing {
-                wave: 0,
-                since: now,
-            },
+        let phase = if spec.approval {
+            Phase::AwaitingApproval
+        } else {
+            first_phase(&spec, now)
         };
         let mut rollout = Self {
             spec,
@@ -579,6 +583,12 @@ impl Rollout {
         if rollout.spec.waves.is_empty() {
             rollout.phase = Phase::Completed;
             actions.push(Action::Record("no waves: nothing to do".into()));
+            return (rollout, actions);
+        }
+        if rollout.phase == Phase::AwaitingApproval {
+            actions.push(Action::Record(
+                "awaiting an operator's approval (`edgefleet rollout approve`)".into(),
+            ));
             return (rollout, actions);
         }
         actions.extend(rollout.step(now));
@@ -622,8 +632,11 @@ impl Rollout {
             Phase::Baking { until, .. } => {
                 vec![*until, Timestamp(until.0.saturating_add(deadline))]
             }
-            Phase::Paused { .. } | Phase::Completed | Phase::Aborted { .. } => return None,
-            Phase::RolledBack { .. } => return None,
+            Phase::AwaitingApproval
+            | Phase::Paused { .. }
+            | Phase::Completed
+            | Phase::Aborted { .. }
+            | Phase::RolledBack { .. } => return None,
         };
         let slot = match self.phase {
             Phase::Shadowing { .. } | Phase::Installing { .. } => self.rate_limited_until(),
@@ -737,7 +750,11 @@ impl Rollout {
                     phase.name().replace('_', " ")
                 )));
             }
-            (Command::Pause { reason }, phase) => {
+            (Command::Approve, Phase::AwaitingApproval) => {
+                actions.push(Action::Record("approved: the rollout begins".into()));
+                self.phase = first_phase(&self.spec, now);
+            }
+            (Command::Pause { reason }, phase) if phase != Phase::AwaitingApproval => {
                 let stage = match phase {
                     Phase::Shadowing { .. } => Stage::Shadow,
                     Phase::Installing { wave, .. } | Phase::Baking { wave, .. } => {
@@ -1256,7 +1273,8 @@ impl Rollout {
                     self.phase = Phase::Completed;
                     return actions;
                 }
-                Phase::Paused { .. }
+                Phase::AwaitingApproval
+                | Phase::Paused { .. }
                 | Phase::Completed
                 | Phase::Aborted { .. }
                 | Phase::RolledBack { .. } => return actions,
@@ -1469,8 +1487,22 @@ pub struct GateValue {
     pub detail: String,
 }
 
+/// Where a rollout begins: its shadow phase, or its first wave.
+fn first_phase(spec: &Spec, now: Timestamp) -> Phase {
+    match spec.shadow {
+        Some(plan) => Phase::Shadowing {
+            until: Timestamp(now.0.saturating_add(plan.duration_ms)),
+        },
+        None => Phase::Installing {
+            wave: 0,
+            since: now,
+        },
+    }
+}
+
 fn command_name(command: &Command) -> &'static str {
     match command {
+        Command::Approve => "approve",
         Command::Pause { .. } => "pause",
         Command::Resume => "resume",
         Command::Promote => "promote",

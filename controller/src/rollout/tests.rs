@@ -40,6 +40,7 @@ fn spec(waves: &[(WaveSize, u64)], on_breach: OnBreach) -> Spec {
             ..Gates::default()
         },
         on_breach,
+        approval: false,
     }
 }
 
@@ -783,6 +784,44 @@ fn waves_with_label_selectors_and_an_operator_rollback_after_completion() {
     "#]]);
 }
 
+#[test]
+fn a_rollout_that_needs_approval_assigns_nothing_until_approved() {
+    let mut s = spec(&[(WaveSize::Percent(100), 0)], OnBreach::Abort);
+    s.approval = true;
+    let mut t = Trace::start(s, 2, &[]);
+    assert_eq!(t.rollout.next_deadline(), None);
+    t.feed(10_000, Input::Tick);
+    t.feed(11_000, Input::Operator(Command::Promote));
+    t.feed(12_000, Input::Operator(Command::Approve));
+    t.feed(13_000, Input::Operator(Command::Approve));
+    t.activate(14_000, [0, 1]);
+    t.check(expect![[r#"
+        t=0s start
+          record: rollout started: 2 member(s), 1 wave(s)
+          record: awaiting an operator's approval (`edgefleet rollout approve`)
+          => AwaitingApproval
+        t=10s tick
+          => AwaitingApproval
+        t=11s operator: Promote
+          record: promote does not apply while awaiting_approval; ignored
+          => AwaitingApproval
+        t=12s operator: Approve
+          record: approved: the rollout begins
+          assign d0 -> candidate
+          assign d1 -> candidate
+          => Installing { wave: 0, since: Timestamp(12000) }
+        t=13s operator: Approve
+          record: approve does not apply while installing; ignored
+          => Installing { wave: 0, since: Timestamp(12000) }
+        t=14s d0: activated candidate
+          => Installing { wave: 0, since: Timestamp(12000) }
+        t=14s d1: activated candidate
+          record: wave 1 installed on 2 device(s); baking 0 s
+          record: completed: 2 device(s) on the candidate, 0 failed, 0 left on the baseline
+          => Completed
+    "#]]);
+}
+
 fn any_input(devices: usize) -> impl Strategy<Value = (u64, Input)> {
     let pick = |c: bool| model(if c { CANDIDATE } else { BASELINE });
     let report = prop_oneof![
@@ -817,6 +856,7 @@ fn any_input(devices: usize) -> impl Strategy<Value = (u64, Input)> {
         Just(Command::Promote),
         Just(Command::Abort { reason: "a".into() }),
         Just(Command::Rollback { reason: "r".into() }),
+        Just(Command::Approve),
     ];
     let input = prop_oneof![
         Just(Input::Tick),

@@ -163,6 +163,7 @@ async fn operate(
         "pause" => Command::Pause {
             reason: needs_reason("pause")?,
         },
+        "approve" => Command::Approve,
         "resume" => Command::Resume,
         "promote" => Command::Promote,
         "abort" => Command::Abort {
@@ -176,7 +177,7 @@ async fn operate(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!(
-                    "no rollout action {other:?}; use pause, resume, promote, abort or rollback"
+                    "no rollout action {other:?}; use approve, pause, resume, promote, abort or rollback"
                 ),
             ));
         }

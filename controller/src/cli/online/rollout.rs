@@ -28,6 +28,8 @@ pub enum RolloutCommand {
         #[arg(long, default_value = "2", value_parser = parse_seconds)]
         interval: u64,
     },
+    /// Let a rollout that waits for approval begin.
+    Approve(OptionalReason),
     /// Pause the rollout where it is (no new assignments; gates still watched).
     Pause(ReasonArgs),
     /// Resume a paused rollout; the current stage restarts its clock.
@@ -90,6 +92,9 @@ pub struct StartArgs {
     /// min_shadow_compared, max_drift_score, min_drift_windows, require_evidence (true/false).
     #[arg(long = "gate")]
     gates: Vec<String>,
+    /// Wait for `edgefleet rollout approve` before the first assignment.
+    #[arg(long)]
+    approval: bool,
     /// What a breached gate does: `abort` (roll back) or `pause`.
     #[arg(long, default_value = "abort")]
     on_breach: String,
@@ -172,6 +177,7 @@ fn start_body(args: &StartArgs) -> Result<Value> {
         "candidate": args.candidate,
         "selector": label_map(&args.select, "select")?,
         "on_breach": args.on_breach,
+        "approval": args.approval,
     });
     if let Some(baseline) = &args.baseline {
         body["baseline"] = json!(baseline);
@@ -277,6 +283,7 @@ pub fn run(client: &Client, command: RolloutCommand, format: OutputFormat) -> Re
             })
         }
         RolloutCommand::Watch { id, interval } => watch(client, &id, interval, format),
+        RolloutCommand::Approve(args) => operate(&args.id, "approve", args.reason.as_deref()),
         RolloutCommand::Pause(args) => operate(&args.id, "pause", Some(&args.reason)),
         RolloutCommand::Resume(args) => operate(&args.id, "resume", args.reason.as_deref()),
         RolloutCommand::Promote(args) => operate(&args.id, "promote", args.reason.as_deref()),

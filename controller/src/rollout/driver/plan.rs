@@ -36,6 +36,9 @@ pub struct StartRequest {
     pub gates: GatesRequest,
     #[serde(default = "default_on_breach")]
     pub on_breach: String,
+    /// Wait for an operator's `approve` before the first assignment.
+    #[serde(default)]
+    pub approval: bool,
     #[serde(default)]
     pub reason: Option<String>,
 }
@@ -232,6 +235,7 @@ pub fn spec_of(
         progress_deadline_ms: request.progress_deadline_s.saturating_mul(1000),
         gates,
         on_breach,
+        approval: request.approval,
     })
 }
 
@@ -243,6 +247,7 @@ pub fn plan_json(spec: &Spec) -> Value {
         "progress_deadline_s": spec.progress_deadline_ms / 1000,
         "gates": spec.gates,
         "on_breach": match spec.on_breach { OnBreach::Abort => "abort", OnBreach::Pause => "pause" },
+        "approval": spec.approval,
     })
 }
 
