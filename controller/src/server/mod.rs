@@ -36,6 +36,7 @@ pub mod revocation;
 pub mod rollouts;
 pub mod store;
 pub mod validate;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
