@@ -204,13 +204,18 @@ impl ControllerProcess {
 
     /// Registers the repo's pump-sensor model (`controller/demo/`); returns its manifest digest.
     pub fn register_demo_model(&self) -> String {
+        self.register_demo_model_for("any")
+    }
+
+    /// Registers the demo model as a release for devices of `arch` only (`aarch64`, …, `any`).
+    pub fn register_demo_model_for(&self, arch: &str) -> String {
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/demo");
         let model = std::fs::read(demo.join("sensor-anomaly.onnx")).expect("the demo model");
         let reference = std::fs::read(demo.join("reference.csv")).expect("the demo reference");
         let form = reqwest::multipart::Form::new()
             .text(
                 "metadata",
-                json!({"name": "pump-anomaly", "version": "1.0.0", "runtime": {"grace_window_s": 1}})
+                json!({"name": "pump-anomaly", "version": "1.0.0", "arch": arch, "runtime": {"grace_window_s": 1}})
                     .to_string(),
             )
             .part(
@@ -236,6 +241,18 @@ impl ControllerProcess {
     /// Starts an `edgefleet-agent` for `device` with its state in `state_dir`; it enrolls over
     /// HTTPS with a fresh one-time token and connects to the broker with its new identity.
     pub fn enroll_agent(&self, device: &str, state_dir: &Path) -> AgentProcess {
+        self.enroll_agent_via(&[], &bin("edgefleet-agent"), device, state_dir)
+    }
+
+    /// `enroll_agent` with another agent binary, run as `runner… agent` (e.g. an aarch64 build
+    /// under `cross/qemu-run aarch64`).
+    pub fn enroll_agent_via(
+        &self,
+        runner: &[std::ffi::OsString],
+        agent: &Path,
+        device: &str,
+        state_dir: &Path,
+    ) -> AgentProcess {
         let (status, created) = self.post(
             "/api/v1/enroll-tokens",
             &json!({"labels": {"site": "test"}, "expires_in_s": 600}),
@@ -258,8 +275,9 @@ impl ControllerProcess {
             ("EDGEFLEET_TELEMETRY_WINDOW_S", "2".to_owned()),
         ];
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        AgentProcess::start_trusting(
-            &bin("edgefleet-agent"),
+        AgentProcess::start_via(
+            runner,
+            agent,
             (&keys.join("root-v1.cbor"), &keys.join("keyring.cbor")),
             state_dir,
             &env,
