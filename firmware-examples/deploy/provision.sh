@@ -1,8 +1,8 @@
 #!/bin/sh
-# Provisions a device for the EdgeFleet agent: writes its id and its controller into the agent's
-# config, installs the fleet CA and trust files, stores the one-time enrollment token where only
-# root (and so systemd) can read it, checks the result and starts the agent, which enrolls on its
-# first start. POSIX sh, for device images without bash.
+# Provisions a device for the EdgeFleet agent: writes its id and its broker into the agent's
+# config, installs the fleet CA and trust files, stores the enrollment endpoint and the one-time
+# token where only root (and so systemd) can read them, checks the result and starts the agent,
+# which enrolls on its first start. POSIX sh, for device images without bash.
 #
 #   provision.sh --device-id ID --controller https://HOST:8443 --mqtt mqtts://HOST:8883 \
 #       --ca ca.pem --trust-root root-v1.cbor --keyring keyring.cbor [--root-chain a.cbor,b.cbor] \
@@ -12,8 +12,10 @@
 # standard input; never from the command line, where other users could see it. With --root DIR
 # the files go into an image's root filesystem instead of this system's (nothing is started).
 # The config is the packaged /etc/edgefleet/agent.toml (or --template, e.g. the repository's
-# agent/packaging/agent.toml), edited in place: only `device_id`, `trust.root_chain`, `mqtt.url`
-# and `enroll.url` change, its comments stay.
+# agent/packaging/agent.toml), edited in place: only `device_id`, `trust.root_chain` and
+# `mqtt.url` change, its comments stay. The enrollment settings go to /etc/edgefleet/agent.env,
+# which the unit reads: they matter only until the device has enrolled, and admin commands such
+# as `edgefleet-agent status` work without them.
 set -eu
 
 die() { echo "provision: error: $*" >&2; exit 2; }
@@ -93,30 +95,29 @@ for pair in "$ca:ca.pem" "$trust_root:root-v1.cbor" "$keyring:keyring.cbor"; do
     mv "$etc/${pair##*:}.tmp" "$etc/${pair##*:}"
 done
 
-# The config: the four settings replaced in place, then renamed over the old one.
-awk -v device="$device_id" -v mqtt="$mqtt" -v enroll="$controller" -v chain="$chain_toml" '
+# The config: the three settings replaced in place, then renamed over the old one.
+awk -v device="$device_id" -v mqtt="$mqtt" -v chain="$chain_toml" '
     /^\[/ { section = $0 }
     section == "" && /^device_id = / { print "device_id = \"" device "\""; done++; next }
     section == "[trust]" && /^root_chain = / { print "root_chain = [" chain "]"; done++; next }
     section == "[mqtt]" && /^url = / { print "url = \"" mqtt "\""; done++; next }
-    section == "[enroll]" && /^url = / { print "url = \"" enroll "\""; done++; next }
     { print }
-    END { if (done != 4) exit 3 }
+    END { if (done != 3) exit 3 }
 ' "$template" >"$config.tmp" ||
-    { rm -f "$config.tmp"; die "$template lacks one of device_id, [trust] root_chain, [mqtt] url, [enroll] url; use the packaged agent.toml"; }
+    { rm -f "$config.tmp"; die "$template lacks one of device_id, [trust] root_chain, [mqtt] url; use the packaged agent.toml"; }
 chmod 0644 "$config.tmp"
 mv "$config.tmp" "$config"
 
-# The token: root-only; the unit's EnvironmentFile= reads it before the agent starts.
+# Enrollment: root-only; the unit's EnvironmentFile= reads it before the agent starts.
 (
     umask 077
-    printf 'EDGEFLEET_ENROLL_TOKEN=%s\n' "$token" >"$etc/agent.env.tmp"
+    printf 'EDGEFLEET_ENROLL_URL=%s\nEDGEFLEET_ENROLL_TOKEN=%s\n' "$controller" "$token" >"$etc/agent.env.tmp"
 )
 mv "$etc/agent.env.tmp" "$etc/agent.env"
 sync
 
-echo "provision: wrote $config (device $device_id, controller $controller, broker $mqtt)"
-echo "provision: wrote $etc/ca.pem, root-v1.cbor, keyring.cbor${root_chain:+ and the root chain}, agent.env (0600)"
+echo "provision: wrote $config (device $device_id, broker $mqtt)"
+echo "provision: wrote $etc/ca.pem, root-v1.cbor, keyring.cbor${root_chain:+ and the root chain}, and agent.env (0600: enrollment with $controller)"
 if [ -e "$root/var/lib/edgefleet/device.pem" ]; then
     echo "provision: warning: $root/var/lib/edgefleet already holds an identity, so the agent will not enroll again; remove device.pem, device.key and mac.key there to re-enroll" >&2
 fi
@@ -124,7 +125,8 @@ fi
 
 agent=$(command -v edgefleet-agent || true)
 [ -n "$agent" ] || die "edgefleet-agent is not installed (install the edgefleet-agent package)"
-"$agent" --config "$config" check-config
+# As the service will see it: the config and the environment file.
+EDGEFLEET_ENROLL_URL=$controller EDGEFLEET_ENROLL_TOKEN=$token "$agent" --config "$config" check-config
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     systemctl enable --now edgefleet-agent.service

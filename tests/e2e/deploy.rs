@@ -99,13 +99,17 @@ fn a_device_provisioned_with_the_kit_enrolls_with_its_token() {
     let mode = std::fs::metadata(&env_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the token file is root-only");
     let env_text = std::fs::read_to_string(&env_file).unwrap();
-    assert_eq!(env_text, format!("EDGEFLEET_ENROLL_TOKEN={token}\n"));
+    assert_eq!(
+        env_text,
+        format!("EDGEFLEET_ENROLL_URL={devices}\nEDGEFLEET_ENROLL_TOKEN={token}\n")
+    );
     let config = etc.join("agent.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains("# This device's id"), "the documentation stays:\n{text}");
     assert!(!text.contains(token), "the token stays out of the world-readable config");
 
-    // The agent reads back what was written.
+    // The agent reads back what was written (without the enrollment environment, as an admin
+    // command on the device does).
     let printed = run_ok(
         Command::new(bin("edgefleet-agent"))
             .arg("--config")
@@ -121,24 +125,25 @@ fn a_device_provisioned_with_the_kit_enrolls_with_its_token() {
         assert!(printed.stdout.contains(&line), "{line:?} missing in:\n{}", printed.stdout);
     }
 
-    // Started with that config (its paths moved from / into the test's directories, and the
-    // token from the env file as systemd would pass it), the agent enrolls and comes online.
+    // Started with that config (its paths moved from / into the test's directories) and the
+    // environment file as systemd passes it, the agent enrolls and comes online.
     let state = dir.path().join("state");
     let path = |p: &Path| p.to_string_lossy().into_owned();
-    let token_from_file = env_text
-        .trim()
-        .strip_prefix("EDGEFLEET_ENROLL_TOKEN=")
-        .unwrap()
-        .to_owned();
-    let env = [
+    let mut env: Vec<(&str, String)> = env_text
+        .lines()
+        .map(|line| {
+            let (key, value) = line.split_once('=').unwrap();
+            (key, value.to_owned())
+        })
+        .collect();
+    env.extend([
         ("EDGEFLEET_CONFIG", path(&config)),
         ("EDGEFLEET_DEVICE_ID", "kit-01".to_owned()),
-        ("EDGEFLEET_ENROLL_TOKEN", token_from_file),
         ("EDGEFLEET_MQTT_CA", path(&etc.join("ca.pem"))),
         ("EDGEFLEET_MQTT_CERT", path(&state.join("device.pem"))),
         ("EDGEFLEET_MQTT_KEY", path(&state.join("device.key"))),
         ("EDGEFLEET_MQTT_MAC_KEY", path(&state.join("mac.key"))),
-    ];
+    ]);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut agent = AgentProcess::start_trusting(
         &bin("edgefleet-agent"),

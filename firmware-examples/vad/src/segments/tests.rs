@@ -80,8 +80,8 @@ fn a_long_pause_splits_and_padding_never_overlaps_the_previous_segment() {
         config,
         "0.9 0.9 0.9 0.9 0.9 0.9 0.9 0.9 0.1 0.1 0.1 0.1 0.9 0.9 0.9 0.9 0.9 0.9 0.9 0.9 0.1 0.1 0.1 0.1",
         expect![[r#"
-            0-456 ms
-            456-840 ms
+            0-384 ms
+            384-768 ms
         "#]],
     );
 }
@@ -104,7 +104,7 @@ fn speech_running_to_the_end_of_the_stream_is_closed_by_finish() {
         SegmenterConfig::default(),
         "0.1 0.1 0.1 0.9 0.9 0.9 0.9 0.9 0.9 0.9 0.9 0.9 0.2",
         expect![[r#"
-            66-416 ms at end
+            66-414 ms at end
         "#]],
     );
 }
