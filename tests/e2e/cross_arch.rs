@@ -75,8 +75,8 @@ fn emulation() -> Option<Emulation> {
             "the aarch64 C library in /usr/aarch64-linux-gnu (libc6-dev-arm64-cross)",
         ));
     }
-    let binfmt = std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64")
-        .unwrap_or_default();
+    let binfmt =
+        std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64").unwrap_or_default();
     if binfmt.lines().next() != Some("enabled") {
         missing.push(String::from(
             "a binfmt_misc handler for aarch64 (update-binfmts --enable qemu-aarch64), which the agent needs to start its model worker",
@@ -105,7 +105,12 @@ fn emulation() -> Option<Emulation> {
 /// The ELF header's machine field.
 fn elf_machine(path: &Path) -> u16 {
     let bytes = std::fs::read(path).unwrap();
-    assert_eq!(&bytes[..4], b"\x7fELF", "{} is not an ELF file", path.display());
+    assert_eq!(
+        &bytes[..4],
+        b"\x7fELF",
+        "{} is not an ELF file",
+        path.display()
+    );
     u16::from_le_bytes([bytes[18], bytes[19]])
 }
 
@@ -126,7 +131,12 @@ fn aarch64_agent_under_qemu_enrolls_activates_a_verified_model_and_reports_telem
         return;
     };
     let machine = elf_machine(&emulation.agent);
-    assert_eq!(machine, EM_AARCH64, "{} is not an aarch64 build", emulation.agent.display());
+    assert_eq!(
+        machine,
+        EM_AARCH64,
+        "{} is not an aarch64 build",
+        emulation.agent.display()
+    );
     shout(&format!(
         "agent binary {} (ELF machine 0x{machine:x}, AArch64), run with {}",
         emulation.agent.display(),
@@ -155,7 +165,11 @@ fn aarch64_agent_under_qemu_enrolls_activates_a_verified_model_and_reports_telem
     assert_eq!(row["arch"], "aarch64", "{row}");
     let supervisor = u64::from(agent.pid().unwrap());
     let emulator = exe_of(supervisor);
-    assert!(is_qemu(&emulator), "agent pid {supervisor} runs {}", emulator.display());
+    assert!(
+        is_qemu(&emulator),
+        "agent pid {supervisor} runs {}",
+        emulator.display()
+    );
     shout(&format!(
         "agent pid {supervisor} is executed by {} and enrolled as {DEVICE}; the controller lists it with arch {}",
         emulator.display(),
@@ -186,7 +200,11 @@ fn aarch64_agent_under_qemu_enrolls_activates_a_verified_model_and_reports_telem
     }
     let worker = status["worker"]["pid"].as_u64().unwrap();
     let worker_exe = exe_of(worker);
-    assert!(is_qemu(&worker_exe), "worker pid {worker} runs {}", worker_exe.display());
+    assert!(
+        is_qemu(&worker_exe),
+        "worker pid {worker} runs {}",
+        worker_exe.display()
+    );
     shout(&format!(
         "verified bundle {digest} (pump-anomaly@1.0.0, target aarch64) active; its model worker pid {worker} is executed by {}",
         worker_exe.display()
@@ -200,13 +218,20 @@ fn aarch64_agent_under_qemu_enrolls_activates_a_verified_model_and_reports_telem
         assert_eq!(reply.model.digest, digest);
         assert!(!reply.outputs.is_empty());
     }
-    wait_until(WAIT, "the aarch64 agent's telemetry stored and acked", || {
-        let (_, inferences) = controller.telemetry(DEVICE);
-        let pending = agent.status()["spool"]["pending"].as_u64()?;
-        (inferences >= INFERENCES && pending == 0).then_some(())
-    });
+    wait_until(
+        WAIT,
+        "the aarch64 agent's telemetry stored and acked",
+        || {
+            let (_, inferences) = controller.telemetry(DEVICE);
+            let pending = agent.status()["spool"]["pending"].as_u64()?;
+            (inferences >= INFERENCES && pending == 0).then_some(())
+        },
+    );
     let (windows, inferences) = controller.telemetry(DEVICE);
-    assert_eq!(inferences, INFERENCES, "{windows} windows count {inferences} inferences");
+    assert_eq!(
+        inferences, INFERENCES,
+        "{windows} windows count {inferences} inferences"
+    );
     shout(&format!(
         "{INFERENCES} inferences answered by the emulated agent; the controller stored {windows} telemetry windows counting {inferences} inferences"
     ));

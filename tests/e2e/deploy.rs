@@ -6,11 +6,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use edgefleet_tests::agent::AgentProcess;
 use edgefleet_tests::controller::{ControllerProcess, ControllerSpec};
-use edgefleet_tests::{Run, bin, run, run_ok};
+use edgefleet_tests::{Run, bin, run, run_ok, run_with_input};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -18,22 +18,12 @@ fn repo() -> PathBuf {
 
 /// Runs `provision.sh args` with `token` on its standard input.
 fn provision(args: &[&std::ffi::OsStr], token: &str) -> Run {
-    let mut child = Command::new(repo().join("firmware-examples/deploy/provision.sh"))
-        .args(args)
-        .env_remove("EDGEFLEET_ENROLL_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), format!("{token}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    Run {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_with_input(
+        Command::new(repo().join("firmware-examples/deploy/provision.sh"))
+            .args(args)
+            .env_remove("EDGEFLEET_ENROLL_TOKEN"),
+        format!("{token}\n").as_bytes(),
+    )
 }
 
 fn os(s: &str) -> &std::ffi::OsStr {
@@ -43,8 +33,7 @@ fn os(s: &str) -> &std::ffi::OsStr {
 #[test]
 fn a_device_provisioned_with_the_kit_enrolls_with_its_token() {
     let dir = tempfile::tempdir().unwrap();
-    let controller =
-        ControllerProcess::start(&dir.path().join("data"), &ControllerSpec::default());
+    let controller = ControllerProcess::start(&dir.path().join("data"), &ControllerSpec::default());
     let (status, created) = controller.post(
         "/api/v1/enroll-tokens",
         &serde_json::json!({"labels": {"site": "kit"}, "expires_in_s": 600}),
@@ -84,13 +73,20 @@ fn a_device_provisioned_with_the_kit_enrolls_with_its_token() {
     bad[5] = os("kit/01");
     let refused = provision(&bad, token);
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
-    assert!(refused.stderr.contains("may use only letters"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("may use only letters"),
+        "{}",
+        refused.stderr
+    );
     assert!(!rootfs.exists());
 
     let out = provision(&args, token);
     assert!(out.status.success(), "{out:?}");
     let etc = rootfs.join("etc/edgefleet");
-    assert_eq!(std::fs::read(etc.join("ca.pem")).unwrap(), std::fs::read(&ca).unwrap());
+    assert_eq!(
+        std::fs::read(etc.join("ca.pem")).unwrap(),
+        std::fs::read(&ca).unwrap()
+    );
     assert_eq!(
         std::fs::read(etc.join("keyring.cbor")).unwrap(),
         std::fs::read(&keyring).unwrap()
@@ -105,8 +101,14 @@ fn a_device_provisioned_with_the_kit_enrolls_with_its_token() {
     );
     let config = etc.join("agent.toml");
     let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains("# This device's id"), "the documentation stays:\n{text}");
-    assert!(!text.contains(token), "the token stays out of the world-readable config");
+    assert!(
+        text.contains("# This device's id"),
+        "the documentation stays:\n{text}"
+    );
+    assert!(
+        !text.contains(token),
+        "the token stays out of the world-readable config"
+    );
 
     // The agent reads back what was written (without the enrollment environment, as an admin
     // command on the device does).
@@ -122,7 +124,11 @@ fn a_device_provisioned_with_the_kit_enrolls_with_its_token() {
         "ca = \"/etc/edgefleet/ca.pem\"".to_owned(),
         "cert = \"/var/lib/edgefleet/device.pem\"".to_owned(),
     ] {
-        assert!(printed.stdout.contains(&line), "{line:?} missing in:\n{}", printed.stdout);
+        assert!(
+            printed.stdout.contains(&line),
+            "{line:?} missing in:\n{}",
+            printed.stdout
+        );
     }
 
     // Started with that config (its paths moved from / into the test's directories) and the
@@ -194,7 +200,10 @@ fn the_debian_package_holds_the_agent_unit_and_config_and_installs_into_a_root()
     let contents = dpkg_deb(&["--contents"], &deb);
     for (mode, file) in [
         ("-rwxr-xr-x root/root", "./usr/bin/edgefleet-agent"),
-        ("-rw-r--r-- root/root", "./lib/systemd/system/edgefleet-agent.service"),
+        (
+            "-rw-r--r-- root/root",
+            "./lib/systemd/system/edgefleet-agent.service",
+        ),
         ("-rw-r--r-- root/root", "./etc/edgefleet/agent.toml"),
     ] {
         assert!(
@@ -215,7 +224,11 @@ fn the_debian_package_holds_the_agent_unit_and_config_and_installs_into_a_root()
     let dpkg = |args: &[&str]| {
         let out = run(Command::new("dpkg")
             .arg(format!("--root={}", root.display()))
-            .args(["--force-script-chrootless", "--force-not-root", "--log=/dev/null"])
+            .args([
+                "--force-script-chrootless",
+                "--force-not-root",
+                "--log=/dev/null",
+            ])
             .args(args));
         assert!(out.success(), "dpkg {args:?}: {out:?}");
         out
@@ -224,7 +237,10 @@ fn the_debian_package_holds_the_agent_unit_and_config_and_installs_into_a_root()
     dpkg(&["--force-depends", "--install", deb.to_str().unwrap()]);
     let status = dpkg(&["--status", "edgefleet-agent"]).stdout;
     assert!(status.contains("Status: install ok installed"), "{status}");
-    assert!(status.contains("Conffiles:\n /etc/edgefleet/agent.toml"), "{status}");
+    assert!(
+        status.contains("Conffiles:\n /etc/edgefleet/agent.toml"),
+        "{status}"
+    );
     let installed = root.join("usr/bin/edgefleet-agent");
     let version = run_ok(Command::new(&installed).arg("--version"));
     assert_eq!(version.stdout.trim(), "edgefleet-agent 0.1.0");
@@ -247,11 +263,20 @@ fn the_debian_package_holds_the_agent_unit_and_config_and_installs_into_a_root()
             .arg(root.join("etc/edgefleet/agent.toml"))
             .arg("print-config"),
     );
-    assert!(printed.stdout.contains("state_dir = \"/var/lib/edgefleet\""), "{}", printed.stdout);
+    assert!(
+        printed
+            .stdout
+            .contains("state_dir = \"/var/lib/edgefleet\""),
+        "{}",
+        printed.stdout
+    );
 
     std::fs::create_dir_all(root.join("var/lib/edgefleet/store")).unwrap();
     dpkg(&["--purge", "edgefleet-agent"]);
     assert!(!installed.exists());
     assert!(!root.join("etc/edgefleet/agent.toml").exists());
-    assert!(!root.join("var/lib/edgefleet").exists(), "purge removes the state");
+    assert!(
+        !root.join("var/lib/edgefleet").exists(),
+        "purge removes the state"
+    );
 }

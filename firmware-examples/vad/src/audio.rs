@@ -28,7 +28,9 @@ pub enum AudioError {
 
 enum Format {
     /// Integer PCM: samples are divided by 2^(bits - 1).
-    Int { scale: f32 },
+    Int {
+        scale: f32,
+    },
     Float,
 }
 
@@ -51,7 +53,9 @@ impl std::fmt::Debug for AudioReader {
             Source::Wav { .. } => "wav",
             Source::Raw(_) => "raw s16le",
         };
-        f.debug_struct("AudioReader").field("format", &kind).finish()
+        f.debug_struct("AudioReader")
+            .field("format", &kind)
+            .finish()
     }
 }
 

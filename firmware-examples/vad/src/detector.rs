@@ -105,7 +105,10 @@ pub struct Detector {
 
 impl Detector {
     /// Waits (up to `retry_for`) for the agent to serve a model, and checks it is Silero VAD.
-    pub fn connect(mut client: Client, retry_for: Duration) -> Result<(Self, ModelInfo), DetectorError> {
+    pub fn connect(
+        mut client: Client,
+        retry_for: Duration,
+    ) -> Result<(Self, ModelInfo), DetectorError> {
         let started = Instant::now();
         let info = loop {
             match client.model() {
@@ -146,8 +149,14 @@ impl Detector {
         input.extend_from_slice(&self.context);
         input.extend_from_slice(frame);
         let inputs = [
-            ("input", Tensor::f32(vec![1, (CONTEXT + FRAME) as u64], input)),
-            ("state", Tensor::f32(STATE_SHAPE.to_vec(), self.state.clone())),
+            (
+                "input",
+                Tensor::f32(vec![1, (CONTEXT + FRAME) as u64], input),
+            ),
+            (
+                "state",
+                Tensor::f32(STATE_SHAPE.to_vec(), self.state.clone()),
+            ),
         ];
         let started = Instant::now();
         let reply = loop {

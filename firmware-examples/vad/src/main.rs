@@ -15,7 +15,11 @@ use edgefleet_vad::segments::{Segment, Segmenter, SegmenterConfig, ms};
 use edgefleet_vad::synth;
 
 #[derive(Debug, Parser)]
-#[command(name = "edgefleet-vad", version, about = "Speech segments of 16 kHz audio, with Silero VAD on the local EdgeFleet agent")]
+#[command(
+    name = "edgefleet-vad",
+    version,
+    about = "Speech segments of 16 kHz audio, with Silero VAD on the local EdgeFleet agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +50,11 @@ struct DetectArgs {
     #[arg(long)]
     raw: bool,
     /// The agent's Unix socket.
-    #[arg(long, env = "EDGEFLEET_API_SOCKET", default_value = "/var/lib/edgefleet/agent.sock")]
+    #[arg(
+        long,
+        env = "EDGEFLEET_API_SOCKET",
+        default_value = "/var/lib/edgefleet/agent.sock"
+    )]
     socket: PathBuf,
     /// The agent's loopback TCP address instead of its socket, e.g. 127.0.0.1:8470.
     #[arg(long)]

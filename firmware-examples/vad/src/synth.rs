@@ -183,6 +183,11 @@ pub fn signal() -> Vec<f32> {
     out.into_iter().map(|v| v as f32).collect()
 }
 
+/// A sample in [-1, 1] as 16-bit PCM (what the WAV file and a raw PCM stream hold).
+pub fn pcm16(sample: f32) -> i16 {
+    (sample.clamp(-1.0, 1.0) * 32_767.0).round() as i16
+}
+
 /// Writes the recording to `path` as a 16-bit PCM mono WAV file (a temporary file beside it,
 /// synced, then renamed, so a crash leaves no half-written WAV).
 pub fn write_wav(path: &Path) -> Result<(), hound::Error> {
@@ -196,7 +201,7 @@ pub fn write_wav(path: &Path) -> Result<(), hound::Error> {
     let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
     let mut writer = hound::WavWriter::new(&mut file, spec)?;
     for sample in signal() {
-        writer.write_sample((sample.clamp(-1.0, 1.0) * 32_767.0).round() as i16)?;
+        writer.write_sample(pcm16(sample))?;
     }
     writer.finalize()?;
     file.into_inner()

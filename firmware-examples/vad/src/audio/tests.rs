@@ -78,11 +78,20 @@ fn audio_the_model_cannot_take_is_refused_with_what_to_do() {
             .to_string()
     };
     let rate = refused(spec(44_100, 1, 16, hound::SampleFormat::Int));
-    assert!(rate.contains("44100 Hz") && rate.contains("sox in.wav -r 16000"), "{rate}");
+    assert!(
+        rate.contains("44100 Hz") && rate.contains("sox in.wav -r 16000"),
+        "{rate}"
+    );
     let stereo = refused(spec(16_000, 2, 16, hound::SampleFormat::Int));
-    assert!(stereo.contains("2 channels") && stereo.contains("mono"), "{stereo}");
+    assert!(
+        stereo.contains("2 channels") && stereo.contains("mono"),
+        "{stereo}"
+    );
     let junk = AudioReader::wav(Box::new(Cursor::new(b"not a wav file at all".to_vec())))
         .unwrap_err()
         .to_string();
-    assert!(junk.contains("not a readable WAV stream") && junk.contains("--raw"), "{junk}");
+    assert!(
+        junk.contains("not a readable WAV stream") && junk.contains("--raw"),
+        "{junk}"
+    );
 }

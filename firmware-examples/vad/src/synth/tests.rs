@@ -44,7 +44,10 @@ fn the_wav_file_reads_back_as_16khz_mono_16bit() {
     write_wav(&path).unwrap();
     let reader = hound::WavReader::open(&path).unwrap();
     let spec = reader.spec();
-    assert_eq!((spec.sample_rate, spec.channels, spec.bits_per_sample), (16_000, 1, 16));
+    assert_eq!(
+        (spec.sample_rate, spec.channels, spec.bits_per_sample),
+        (16_000, 1, 16)
+    );
     assert_eq!(reader.len() as usize, signal().len());
     assert!(!path.with_extension("wav.tmp").exists());
 }

@@ -6,14 +6,13 @@
     reason = "test helpers fail the test by panicking"
 )]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use edgefleet_tests::agent::AgentProcess;
 use edgefleet_tests::fleet::{BundleSpec, TestFleet};
 use edgefleet_tests::models::{SILERO_VAD_16K, fetch, fixture};
-use edgefleet_tests::{bin, run_err, run_ok};
+use edgefleet_tests::{bin, run_err, run_ok, run_with_input};
 use edgefleet_vad::segments::SegmentSeconds;
 
 /// How far each detected boundary may be from the generated one. Silero answers per 32 ms
@@ -123,31 +122,17 @@ fn raw_pcm_on_standard_input_over_tcp_finds_the_same_speech() {
     let (_, truth) = synth(setup.dir.path());
     let pcm: Vec<u8> = edgefleet_vad::synth::signal()
         .iter()
-        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32_767.0).round() as i16).to_le_bytes())
+        .flat_map(|s| edgefleet_vad::synth::pcm16(*s).to_le_bytes())
         .collect();
-    let mut child = vad()
-        .args(["detect", "--raw", "--json", "--tcp"])
-        .arg(setup.agent.api.to_string())
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Like a microphone pipe: the stream arrives in pieces.
-    let mut stdin = child.stdin.take().unwrap();
-    for chunk in pcm.chunks(3_200) {
-        stdin.write_all(chunk).unwrap();
-    }
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert_matches(
-        &parse_segments(&String::from_utf8_lossy(&out.stdout)),
-        &truth,
-        &stderr,
+    let out = run_with_input(
+        vad()
+            .args(["detect", "--raw", "--json", "--tcp"])
+            .arg(setup.agent.api.to_string())
+            .arg("-"),
+        &pcm,
     );
+    assert!(out.success(), "{}", out.stderr);
+    assert_matches(&parse_segments(&out.stdout), &truth, &out.stderr);
 }
 
 #[test]
@@ -167,10 +152,16 @@ fn a_model_that_is_not_silero_is_refused_with_what_to_do() {
             .arg(&wav),
     );
     assert!(
-        out.stderr
-            .contains("the agent's active model scale@1.1 is not Silero VAD 16 kHz (it has no input `input`)"),
+        out.stderr.contains(
+            "the agent's active model scale@1.1 is not Silero VAD 16 kHz (it has no input `input`)"
+        ),
         "{}",
         out.stderr
     );
-    assert!(out.stderr.contains("assign a silero_vad_openvino_16k bundle"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("assign a silero_vad_openvino_16k bundle"),
+        "{}",
+        out.stderr
+    );
 }
