@@ -96,18 +96,37 @@ impl AudioReader {
         match &mut self.source {
             Source::Wav { reader, format } => {
                 let mut filled = 0;
-                match format {
-                    Format::Int { scale } => {
-                        for (slot, sample) in frame.iter_mut().zip(reader.samples::<i32>()) {
-                            *slot = sample.map_err(wav_error)? as f32 * *scale;
+                let scale = match format {
+                    Format::Int { scale } => Some(*scale),
+                    Format::Float => None,
+                };
+                for slot in frame.iter_mut() {
+                    let sample = match scale {
+                        Some(scale) => reader
+                            .samples::<i32>()
+                            .next()
+                            .map(|s| s.map(|v| v as f32 * scale)),
+                        None => reader.samples::<f32>().next(),
+                    };
+                    match sample {
+                        Some(Ok(value)) => {
+                            *slot = value;
                             filled += 1;
                         }
-                    }
-                    Format::Float => {
-                        for (slot, sample) in frame.iter_mut().zip(reader.samples::<f32>()) {
-                            *slot = sample.map_err(wav_error)?;
-                            filled += 1;
+                        None => break,
+                        // A stream cut short of the length its header declares (a recorder
+                        // writing to a pipe cannot know the length): the audio simply ends.
+                        // hound reports that short read as `Other` ("Failed to read enough
+                        // bytes"); errors from the OS never carry that kind.
+                        Some(Err(hound::Error::IoError(err)))
+                            if matches!(
+                                err.kind(),
+                                ErrorKind::UnexpectedEof | ErrorKind::Other
+                            ) =>
+                        {
+                            break;
                         }
+                        Some(Err(err)) => return Err(wav_error(err)),
                     }
                 }
                 Ok(filled)
