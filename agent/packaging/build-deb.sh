@@ -36,7 +36,7 @@ fi
 # ELF e_machine (bytes 18-19, little-endian) -> Debian architecture and the strip that reads it.
 machine=$(od -An -tx1 -j18 -N2 "$binary" | tr -d ' \n')
 case "$machine" in
-    3e00) arch=amd64; strip_tool=strip ;;
+    3e00) arch=amd64; strip_tool="strip" ;;
     b700) arch=arm64; strip_tool=aarch64-linux-gnu-strip ;;
     2800) arch=armhf; strip_tool=arm-linux-gnueabihf-strip ;;
     *) echo "error: $binary is not an x86-64, aarch64 or 32-bit Arm ELF executable (e_machine $machine)" >&2; exit 2 ;;
