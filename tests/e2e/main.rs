@@ -7,6 +7,8 @@
 mod cli_bundles;
 mod cli_online;
 mod controller_demo;
+mod cross_arch;
+mod deploy;
 mod fleet;
 mod release;
 mod rollout;

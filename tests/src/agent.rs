@@ -1,6 +1,7 @@
 //! A real `edgefleet-agent` process for tests: started in its own process group with a state
 //! directory and a loopback port, driven over its admin socket and local API, killed for real.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
@@ -58,6 +59,8 @@ pub fn admin_at(socket: &Path, request: &serde_json::Value) -> Result<serde_json
 #[derive(Debug)]
 pub struct AgentProcess {
     bin: PathBuf,
+    /// A program the binary runs under (e.g. `cross/qemu-run aarch64`), or empty.
+    runner: Vec<OsString>,
     child: Option<Child>,
     pub state_dir: PathBuf,
     pub api: SocketAddr,
@@ -85,6 +88,18 @@ impl AgentProcess {
 
     /// Starts an agent trusting the root anchor and release keyring at `trust`.
     pub fn start_trusting(
+        bin: &Path,
+        trust: (&Path, &Path),
+        state_dir: &Path,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_via(&[], bin, trust, state_dir, extra_env)
+    }
+
+    /// Like `start_trusting`, with `bin` run as `runner… bin` (every start and admin command),
+    /// as a foreign-architecture build runs under qemu-user.
+    pub fn start_via(
+        runner: &[OsString],
         bin: &Path,
         (root, keyring): (&Path, &Path),
         state_dir: &Path,
@@ -121,6 +136,7 @@ impl AgentProcess {
         );
         let mut agent = Self {
             bin: bin.to_owned(),
+            runner: runner.to_vec(),
             child: None,
             state_dir: state_dir.to_owned(),
             api,
@@ -134,7 +150,14 @@ impl AgentProcess {
     }
 
     fn command(&self) -> Command {
-        let mut command = Command::new(&self.bin);
+        let mut command = match self.runner.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&self.bin);
+                command
+            }
+            None => Command::new(&self.bin),
+        };
         command
             .env_remove("EDGEFLEET_FAILPOINT")
             .env_remove("NOTIFY_SOCKET");

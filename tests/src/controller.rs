@@ -259,9 +259,12 @@ impl ControllerProcess {
 
     /// Registers the repo's pump-sensor model (`controller/demo/`); returns its manifest digest.
     pub fn register_demo_model(&self) -> String {
-        self.register_demo_version(
-            json!({"name": "pump-anomaly", "version": "1.0.0", "runtime": {"grace_window_s": 1}}),
-        )
+        self.register_demo_model_for("any")
+    }
+
+    /// Registers the demo model as a release for devices of `arch` only (`aarch64`, …, `any`).
+    pub fn register_demo_model_for(&self, arch: &str) -> String {
+        self.register_demo_version(json!({"name": "pump-anomaly", "version": "1.0.0", "arch": arch, "runtime": {"grace_window_s": 1}}))
     }
 
     /// Registers the pump-sensor model under the registration `metadata` given (name, version,
@@ -295,6 +298,18 @@ impl ControllerProcess {
     /// Starts an `edgefleet-agent` for `device` with its state in `state_dir`; it enrolls over
     /// HTTPS with a fresh one-time token and connects to the broker with its new identity.
     pub fn enroll_agent(&self, device: &str, state_dir: &Path) -> AgentProcess {
+        self.enroll_agent_via(&[], &bin("edgefleet-agent"), device, state_dir)
+    }
+
+    /// `enroll_agent` with another agent binary, run as `runner… agent` (e.g. an aarch64 build
+    /// under `cross/qemu-run aarch64`).
+    pub fn enroll_agent_via(
+        &self,
+        runner: &[std::ffi::OsString],
+        agent: &Path,
+        device: &str,
+        state_dir: &Path,
+    ) -> AgentProcess {
         let (status, created) = self.post(
             "/api/v1/enroll-tokens",
             &json!({"labels": {"site": "test"}, "expires_in_s": 600}),
@@ -317,8 +332,9 @@ impl ControllerProcess {
             ("EDGEFLEET_TELEMETRY_WINDOW_S", "2".to_owned()),
         ];
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        AgentProcess::start_trusting(
-            &bin("edgefleet-agent"),
+        AgentProcess::start_via(
+            runner,
+            agent,
             (&keys.join("root-v1.cbor"), &keys.join("keyring.cbor")),
             state_dir,
             &env,

@@ -89,6 +89,34 @@ pub fn run(command: &mut Command) -> Run {
     }
 }
 
+/// Runs a command with `input` on its standard input (written from another thread, so a
+/// command that answers while it reads cannot block on a full pipe).
+pub fn run_with_input(command: &mut Command, input: &[u8]) -> Run {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_vec();
+    // A command that exits early closes the pipe; its output says why.
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().expect("wait for the command");
+    let _ = writer.join();
+    Run {
+        status,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
 /// Runs a command that must succeed; panics with its output otherwise.
 pub fn run_ok(command: &mut Command) -> Run {
     let description = format!("{command:?}");
