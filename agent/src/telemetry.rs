@@ -29,21 +29,11 @@ pub struct WindowAcc {
 impl WindowAcc {
     pub fn new(manifest: &Manifest) -> Self {
         let features: Vec<Feature> = manifest
-            .features
-            .iter()
-            .filter_map(|spec| {
-                let reference = manifest
-                    .reference
-                    .as_ref()?
-                    .features
-                    .iter()
-                    .find(|r| r.name == spec.name)?
-                    .clone();
-                Some(Feature {
-                    tensor: spec.tensor.clone(),
-                    index: spec.index as usize,
-                    reference,
-                })
+            .referenced_features()
+            .map(|(spec, reference)| Feature {
+                tensor: spec.tensor.clone(),
+                index: spec.index as usize,
+                reference: reference.clone(),
             })
             .collect();
         let score_bins =

@@ -373,6 +373,21 @@ impl Manifest {
         Ok(())
     }
 
+    /// The features that have reference statistics, in manifest order, each with its
+    /// reference: the ones a device counts into bins (a feature without a reference has no
+    /// bins to count into).
+    pub fn referenced_features(&self) -> impl Iterator<Item = (&FeatureSpec, &ReferenceFeature)> {
+        self.features.iter().filter_map(|spec| {
+            let reference = self
+                .reference
+                .as_ref()?
+                .features
+                .iter()
+                .find(|r| r.name == spec.name)?;
+            Some((spec, reference))
+        })
+    }
+
     /// The single model payload (validation guarantees there is one).
     pub fn model_payload(&self) -> Option<&Payload> {
         self.payloads.iter().find(|p| p.role == PayloadRole::Model)

@@ -170,6 +170,11 @@ impl ControllerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The controller's process id (to read its memory use).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The fleet CA certificate (what a device image ships with).
     pub fn ca_path(&self) -> PathBuf {
         self.data_dir.join("pki/ca.pem")
@@ -204,13 +209,19 @@ impl ControllerProcess {
 
     /// Registers the repo's pump-sensor model (`controller/demo/`); returns its manifest digest.
     pub fn register_demo_model(&self) -> String {
+        self.register_demo_version("1.0.0")
+    }
+
+    /// Registers the pump-sensor model as `pump-anomaly@{version}` (the next release); returns
+    /// its manifest digest.
+    pub fn register_demo_version(&self, version: &str) -> String {
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/demo");
         let model = std::fs::read(demo.join("sensor-anomaly.onnx")).expect("the demo model");
         let reference = std::fs::read(demo.join("reference.csv")).expect("the demo reference");
         let form = reqwest::multipart::Form::new()
             .text(
                 "metadata",
-                json!({"name": "pump-anomaly", "version": "1.0.0", "runtime": {"grace_window_s": 1}})
+                json!({"name": "pump-anomaly", "version": version, "runtime": {"grace_window_s": 1}})
                     .to_string(),
             )
             .part(
