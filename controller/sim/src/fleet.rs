@@ -82,6 +82,10 @@ pub struct SimConfig {
     pub fetch: FetchMode,
     /// New MQTT connections per second while the fleet starts.
     pub connect_rate: f64,
+    /// Connection attempts (TCP, TLS, CONNECT) in flight at once, over the whole fleet.
+    pub max_connecting: usize,
+    /// Bound on one connection attempt.
+    pub connect_timeout: Duration,
     /// Enrollments in flight at once.
     pub enroll_concurrency: usize,
     /// Bundle fetches in flight at once, over the whole fleet.
@@ -139,6 +143,8 @@ impl SimConfig {
             window: Duration::from_secs(60),
             fetch: FetchMode::Full,
             connect_rate: 500.0,
+            max_connecting: 64,
+            connect_timeout: Duration::from_secs(30),
             enroll_concurrency: 16,
             fetch_concurrency: 64,
             spool_max: 1000,
@@ -206,6 +212,8 @@ struct Shared {
     dirty: AtomicBool,
     wake_persister: Notify,
     connected_once: AtomicUsize,
+    connecting: Arc<Semaphore>,
+    connect_timeout_s: u64,
     clock: SystemClock,
 }
 
@@ -550,6 +558,8 @@ impl Fleet {
             dirty: AtomicBool::new(false),
             wake_persister: Notify::new(),
             connected_once: AtomicUsize::new(0),
+            connecting: Arc::new(Semaphore::new(config.max_connecting.max(1))),
+            connect_timeout_s: config.connect_timeout.as_secs().max(1),
             clock,
         });
         let stop_persister = Arc::new(Notify::new());
@@ -966,6 +976,8 @@ async fn run_device(
                     tls: wire.tls.clone(),
                     will: device.status_frame(false, shared.now()),
                     seed: seed ^ ((index as u64) << 20) ^ generation,
+                    connecting: shared.connecting.clone(),
+                    connect_timeout_s: shared.connect_timeout_s,
                 };
                 link = Some(Link::start(spec, tx.clone(), move |event| Msg::Link {
                     generation: this,

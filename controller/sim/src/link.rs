@@ -15,7 +15,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 /// Where the broker is and how to talk to it.
 #[derive(Debug, Clone)]
@@ -75,6 +75,11 @@ pub struct LinkSpec<'a> {
     pub will: Bytes,
     /// Seeds the reconnect jitter.
     pub seed: u64,
+    /// Held while connecting (TCP, TLS, CONNECT until the CONNACK): bounds the handshakes in
+    /// flight over the whole fleet, so none waits so long in a broker's queue that it gives up.
+    pub connecting: Arc<Semaphore>,
+    /// Bound on one connection attempt, in seconds.
+    pub connect_timeout_s: u64,
 }
 
 /// A running connection: publish with [`Link::publish`]; events arrive on the device's channel.
@@ -99,6 +104,8 @@ impl Link {
             tls,
             will,
             seed,
+            connecting,
+            connect_timeout_s,
         } = spec;
         let mut options = MqttOptions::new(device.as_str(), broker.host.clone(), broker.port);
         options.set_keep_alive(Duration::from_secs(broker.keep_alive_s));
@@ -108,7 +115,7 @@ impl Link {
         options.set_max_packet_size(Some(
             edgefleet_protocol::codec::MAX_MESSAGE_BYTES as u32 + 1024,
         ));
-        options.set_connection_timeout(10);
+        options.set_connection_timeout(connect_timeout_s);
         options.set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
         options.set_last_will(LastWill::new(
             Topic::new(device.clone(), TopicKind::Status).to_string(),
@@ -126,10 +133,17 @@ impl Link {
             let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
             let initial = Duration::from_millis(500);
             let mut backoff = initial;
+            let mut slot = None;
+            let mut connected = false;
             loop {
+                if !connected && slot.is_none() {
+                    slot = connecting.clone().acquire_owned().await.ok();
+                }
                 let event = match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff = initial;
+                        connected = true;
+                        slot = None;
                         // A new session has no subscriptions: renew them on every ConnAck.
                         for topic in &subscriptions {
                             if let Err(err) =
@@ -146,6 +160,8 @@ impl Link {
                     },
                     Ok(_) => continue,
                     Err(err) => {
+                        connected = false;
+                        slot = None;
                         if events
                             .send(wrap(LinkEvent::Disconnected(err.to_string())))
                             .is_err()

@@ -102,6 +102,13 @@ struct RunArgs {
     /// New connections per second while starting.
     #[arg(long, default_value_t = 500.0)]
     connect_rate: f64,
+    /// Connection attempts in flight at once (brokers that handshake one client at a time, like
+    /// the embedded one, need few).
+    #[arg(long, default_value_t = 64)]
+    max_connecting: usize,
+    /// Bound on one connection attempt (TCP, TLS, CONNECT), in seconds.
+    #[arg(long, default_value_t = 30)]
+    connect_timeout_s: u64,
     /// Enrollments in flight at once.
     #[arg(long, default_value_t = 16)]
     enroll_concurrency: usize,
@@ -184,18 +191,39 @@ fn config(args: &RunArgs) -> Result<SimConfig, SimError> {
     config.window = Duration::from_secs(args.window_s);
     config.fetch = args.fetch;
     config.connect_rate = args.connect_rate;
+    config.max_connecting = args.max_connecting;
+    config.connect_timeout = Duration::from_secs(args.connect_timeout_s);
     config.enroll_concurrency = args.enroll_concurrency;
     config.fetch_concurrency = args.fetch_concurrency;
     config.keep_alive_s = args.keep_alive_s.max(5);
     config.start_timeout = Duration::from_secs(args.start_timeout_s);
-    config.progress = Some(Arc::new(|p: Progress| {
+    let started = std::time::Instant::now();
+    config.progress = Some(Arc::new(move |p: Progress| {
         let what = match p.phase {
             Phase::Enrolling => "enrolled",
             Phase::Connecting => "connected",
         };
-        println!("{what} {}/{}", p.done, p.total);
+        println!(
+            "{what} {}/{} ({:.1} s)",
+            p.done,
+            p.total,
+            started.elapsed().as_secs_f64()
+        );
     }));
     Ok(config)
+}
+
+/// This process's resident memory (`VmRSS`), in KiB.
+fn resident() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn summary(fleet: &Fleet, started: tokio::time::Instant) -> String {
@@ -231,9 +259,17 @@ async fn run(args: RunArgs) -> Result<(), SimError> {
     let started = tokio::time::Instant::now();
     let fleet = Fleet::start(config).await?;
     println!(
-        "all {} devices enrolled and connected in {:.1} s",
+        "all {} devices enrolled and connected in {:.1} s; simulator memory (VmRSS) {}",
         fleet.len(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        resident().map_or_else(
+            || String::from("unknown"),
+            |kib| format!(
+                "{:.1} MiB, {:.1} KiB per device",
+                kib as f64 / 1024.0,
+                kib as f64 / fleet.len() as f64
+            )
+        )
     );
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|err| SimError::Config(format!("cannot watch SIGTERM: {err}")))?;

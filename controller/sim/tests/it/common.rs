@@ -78,3 +78,15 @@ pub fn event_kinds(controller: &ControllerProcess, device: &str) -> Vec<String> 
         .map(event_kind)
         .collect()
 }
+
+/// Waits until the device's stored events are exactly `expected` (reports reach the controller
+/// a moment after the device made them).
+pub fn wait_events(controller: &ControllerProcess, device: &str, expected: &[&str]) {
+    let mut last = Vec::new();
+    let found =
+        edgefleet_tests::agent::wait_until(WAIT, &format!("{device}: events {expected:?}"), || {
+            last = event_kinds(controller, device);
+            (last.len() >= expected.len()).then(|| last.clone())
+        });
+    assert_eq!(found, expected, "{device}'s events");
+}

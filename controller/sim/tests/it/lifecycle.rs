@@ -88,14 +88,12 @@ fn simulated_devices_enroll_install_and_report_the_telemetry_their_behaviour_imp
         controller.wait_device(id, "the model active", |d| {
             d["active_digest"].as_str() == Some(digest.as_str())
         });
-        assert_eq!(
-            common::event_kinds(&controller, id),
-            ["downloading", "installed", "activated"]
-        );
+        common::wait_events(&controller, id, &["downloading", "installed", "activated"]);
     }
-    assert_eq!(
-        common::event_kinds(&controller, &ids[3]),
-        ["downloading", "install_failed(no_space)"]
+    common::wait_events(
+        &controller,
+        &ids[3],
+        &["downloading", "install_failed(no_space)"],
     );
     assert_eq!(
         controller.device(&ids[3])["active_digest"],
@@ -157,4 +155,47 @@ fn simulated_devices_enroll_install_and_report_the_telemetry_their_behaviour_imp
     let counters = runtime.block_on(fleet.stop()).unwrap();
     assert!(counters.acked >= counters.sent, "{counters:?}");
     assert_eq!(counters.refused_assignments, 0);
+}
+
+#[test]
+fn a_device_offline_during_an_assignment_carries_it_out_when_it_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = ControllerProcess::start(&dir.path().join("data"), &ControllerSpec::default());
+    let digest = controller.register_demo_model();
+    let model: Sha256Digest = digest.parse().unwrap();
+    let runtime = common::runtime();
+    let fleet = runtime
+        .block_on(Fleet::start(common::config(
+            &controller,
+            &dir.path().join("sim"),
+            2,
+        )))
+        .unwrap();
+    let ids: Vec<String> = fleet.devices().iter().map(|d| d.id.to_string()).collect();
+    fleet.disconnect(&[1]);
+    // The broker publishes the device's last will: the controller sees it offline.
+    controller.wait_device(&ids[1], "offline", |d| d["online"] == false);
+    assert_eq!(fleet.online(), 1);
+    for id in &ids {
+        common::assign(&controller, id, &digest, false);
+    }
+    wait_until(WAIT, "the online device activated", || {
+        (fleet.count_on(&model) == 1).then_some(())
+    });
+    assert_eq!(
+        fleet.device(1).unwrap().active,
+        None,
+        "offline, it knows nothing yet"
+    );
+    fleet.reconnect(&[1]);
+    // The retained assignment reaches it on reconnect.
+    wait_until(WAIT, "the rejoined device activated", || {
+        (fleet.count_on(&model) == 2).then_some(())
+    });
+    controller.wait_device(&ids[1], "online with the model", |d| {
+        d["online"] == true && d["active_digest"].as_str() == Some(digest.as_str())
+    });
+    let rejoined = fleet.device(1).unwrap();
+    assert!(rejoined.last_change_at > fleet.device(0).unwrap().last_change_at);
+    runtime.block_on(fleet.stop()).unwrap();
 }
