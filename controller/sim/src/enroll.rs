@@ -233,3 +233,6 @@ impl Enroller {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

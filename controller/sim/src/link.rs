@@ -5,6 +5,7 @@
 //! broken connection is retried with exponential backoff and jitter. Aborting the poll task
 //! closes the socket without a DISCONNECT, so the broker publishes the device's last will.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +60,10 @@ pub enum LinkEvent {
 
 /// Outgoing QoS 1 publishes in flight per connection (rumqttc allocates state for this many; its
 /// default follows the broker's receive maximum, up to 65 535).
-const MAX_INFLIGHT: u16 = 32;
+const MAX_INFLIGHT: u16 = 16;
+/// Incoming events rumqttc buffers before it hands them out: it reserves room for 100 (about
+/// 39 KiB a connection); a device gets a few at a time, and the queue grows if it must.
+const EVENT_CAPACITY: usize = 4;
 /// Requests rumqttc buffers before `try_publish` refuses (the report stays spooled).
 const REQUEST_CAPACITY: usize = 64;
 
@@ -126,6 +130,7 @@ impl Link {
         ));
         options.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        eventloop.state.events = VecDeque::with_capacity(EVENT_CAPACITY);
         let subscriber = client.clone();
         let subscriptions = [TopicKind::Ack, TopicKind::Assignment]
             .map(|kind| Topic::new(device.clone(), kind).to_string());
