@@ -14,8 +14,9 @@
 //!   `ShadowStopped` when it is replaced or dropped); windows then carry `ShadowStats`.
 //! - Every report gets the device's next sequence number and stays in a bounded in-memory spool
 //!   until the controller's MAC-checked ack; everything unacknowledged is sent again after each
-//!   ConnAck and every 30 s. Sequence numbers are reserved in blocks the driver makes durable
-//!   before they are used, so a restarted simulator never reuses one.
+//!   ConnAck, and a report still unacknowledged 30 s after it was published is published again.
+//!   Sequence numbers are reserved in blocks the driver makes durable before they are used, so a
+//!   restarted simulator never reuses one.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -41,6 +42,8 @@ use crate::telemetry::{self, WindowModels};
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Unacknowledged reports are sent again this often, as the agent does.
 const RESEND_MS: u64 = 30_000;
+/// How often the device looks for reports to send again.
+const RESEND_CHECK_MS: u64 = 5_000;
 /// Sequence numbers reserved (made durable) at a time.
 pub const SEQ_BLOCK: u64 = 1024;
 /// Assignments that arrive during an activation and wait for it.
@@ -221,8 +224,8 @@ pub struct Device {
     jobs: VecDeque<Job>,
     held: VecDeque<Vec<u8>>,
     next_job: u64,
-    /// Unacknowledged reports by sequence number: kind and sealed frame.
-    spool: BTreeMap<u64, (TopicKind, Bytes)>,
+    /// Unacknowledged reports by sequence number.
+    spool: BTreeMap<u64, Spooled>,
     spool_max: usize,
     next_seq: u64,
     /// Reserved up to here (what the next snapshot records).
@@ -287,7 +290,7 @@ impl Device {
             last_seen: now,
             window_started: now,
             window_ms: params.window_ms.max(1),
-            next_resend: now.plus_millis(RESEND_MS),
+            next_resend: now.plus_millis(RESEND_CHECK_MS),
             rng: params.rng,
             counters: Counters::default(),
             last_change_at: None,
@@ -679,10 +682,8 @@ impl Device {
 
     fn on_tick(&mut self, now: Timestamp, fx: &mut dyn Effects) {
         if now >= self.next_resend {
-            // Anything still unacknowledged is sent again; the controller ingests each once.
-            self.next_resend = now.plus_millis(RESEND_MS);
-            self.sent_up_to = 0;
-            self.flush(fx);
+            self.next_resend = now.plus_millis(RESEND_CHECK_MS);
+            self.resend(now, fx);
         }
         if let Stage::Activating {
             seq,
@@ -824,7 +825,7 @@ impl Device {
         fx: &mut dyn Effects,
     ) {
         let frame = DeviceMessage::new(self.id.clone(), seq, now, body).seal(&self.key);
-        self.spool.insert(seq, (kind, Bytes::from(frame)));
+        self.spool.insert(seq, Spooled::new(kind, frame));
         let mut dropped: Option<(u64, u64, u64)> = None;
         while self.spool.len() > self.spool_max {
             let Some((oldest, _)) = self.spool.pop_first() else {
@@ -853,7 +854,7 @@ impl Device {
                 Some(seq) => {
                     let frame = DeviceMessage::new(self.id.clone(), seq, now, body).seal(&self.key);
                     self.spool
-                        .insert(seq, (TopicKind::Event, Bytes::from(frame)));
+                        .insert(seq, Spooled::new(TopicKind::Event, frame));
                 }
                 None => self.parked.push_back((TopicKind::Event, body)),
             }
@@ -880,8 +881,9 @@ impl Device {
         if !self.connected {
             return;
         }
-        for (&seq, (kind, frame)) in self.spool.range(self.sent_up_to + 1..) {
-            if !fx.publish(*kind, frame.clone(), false) {
+        let now = self.last_seen;
+        for (&seq, report) in self.spool.range_mut(self.sent_up_to + 1..) {
+            if !fx.publish(report.kind, report.frame.clone(), false) {
                 break;
             }
             if seq <= self.high_sent {
@@ -890,7 +892,48 @@ impl Device {
                 self.counters.sent += 1;
                 self.high_sent = seq;
             }
+            report.published_at = Some(now);
             self.sent_up_to = seq;
+        }
+    }
+
+    /// Publishes again what was published on this connection and stayed unacknowledged for
+    /// [`RESEND_MS`]; the controller ingests each report once.
+    fn resend(&mut self, now: Timestamp, fx: &mut dyn Effects) {
+        if !self.connected {
+            return;
+        }
+        for report in self.spool.range_mut(..=self.sent_up_to).map(|(_, r)| r) {
+            let due = report
+                .published_at
+                .is_none_or(|at| now.millis_since(at) >= RESEND_MS);
+            if !due {
+                continue;
+            }
+            if !fx.publish(report.kind, report.frame.clone(), false) {
+                break;
+            }
+            self.counters.resent += 1;
+            report.published_at = Some(now);
+        }
+        self.flush(fx);
+    }
+}
+
+/// One unacknowledged report: its topic kind, its sealed frame, when it was last published.
+#[derive(Debug)]
+struct Spooled {
+    kind: TopicKind,
+    frame: Bytes,
+    published_at: Option<Timestamp>,
+}
+
+impl Spooled {
+    fn new(kind: TopicKind, frame: Vec<u8>) -> Self {
+        Self {
+            kind,
+            frame: Bytes::from(frame),
+            published_at: None,
         }
     }
 }

@@ -540,8 +540,11 @@ fn reports_wait_for_the_ack_and_are_sent_again_after_a_reconnect() {
     t.fx.accept = false;
     t.connect(500);
     t.fx.accept = true;
-    // The periodic resend picks up what the full link refused.
+    // The periodic resend picks up what the full link refused…
     t.tick(30_000);
+    // …and, 30 s later, what is still unacknowledged.
+    t.tick(45_000);
+    t.tick(60_000);
     t.check(expect![[r#"
         t=0 assignment 1 1.0.0
           fetch job 1 1.0.0 floor=None rollback=false digest=true
@@ -557,9 +560,14 @@ fn reports_wait_for_the_ack_and_are_sent_again_after_a_reconnect() {
         t=30000 tick
           event #2 Installed 1.0.0 assignment=Some(1): installed
           status online=true active=1.0.0 previous=- shadow=- assignment_seq=1 retain=true
-          event #3 Activated 1.0.0 assignment=Some(1): passed its self-test and grace window"#]]);
+          event #3 Activated 1.0.0 assignment=Some(1): passed its self-test and grace window
+        t=45000 tick
+        t=60000 tick
+          event #2 Installed 1.0.0 assignment=Some(1): installed
+          event #3 Activated 1.0.0 assignment=Some(1): passed its self-test and grace window
+          telemetry #4 1.0.0 0..60000 inferences=67 runtime_errors=0 shadow=-"#]]);
     let counters = t.device.counters();
-    assert_eq!((counters.sent, counters.acked, counters.resent), (3, 1, 0));
+    assert_eq!((counters.sent, counters.acked, counters.resent), (4, 1, 2));
 }
 
 #[test]
