@@ -35,6 +35,9 @@ struct Args {
     /// New connections per second.
     #[arg(long, default_value_t = 500.0)]
     connect_rate: f64,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 64)]
+    max_connecting: usize,
     /// Enrollments in flight at once.
     #[arg(long, default_value_t = 16)]
     enroll_concurrency: usize,
@@ -85,6 +88,7 @@ fn sim_config(
     );
     config.connect_rate = args.connect_rate;
     config.enroll_concurrency = args.enroll_concurrency;
+    config.max_connecting = args.max_connecting;
     config.start_timeout = Duration::from_secs(1800);
     let phases = Arc::new(Mutex::new(Phases::default()));
     let seen = phases.clone();
@@ -139,8 +143,8 @@ fn main() -> Result<()> {
     let me = std::process::id();
     let state = dir.path().join("sim");
     println!(
-        "{} simulated devices, connect rate {}/s, {} enrollments at once; broker: {}",
-        args.devices, args.connect_rate, args.enroll_concurrency, args.broker
+        "{} simulated devices, connect rate {}/s, {} connecting and {} enrolling at once; broker: {}",
+        args.devices, args.connect_rate, args.max_connecting, args.enroll_concurrency, args.broker
     );
 
     let (before, _) = memory(me)?;
