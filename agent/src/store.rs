@@ -21,7 +21,7 @@ use edgefleet_protocol::codec::MAX_MANIFEST_BYTES;
 use edgefleet_protocol::crypto::Sha256Stream;
 use edgefleet_protocol::manifest::{Manifest, ManifestPolicy};
 use edgefleet_protocol::messages::{FailureCode, ModelRef};
-use edgefleet_protocol::trust::{ReleaseKeyring, Signed, TrustError, Verified};
+use edgefleet_protocol::trust::{ReleaseKeyring, Signed, Verified};
 use edgefleet_protocol::{Sha256Digest, Timestamp, codec};
 use serde::{Deserialize, Serialize};
 
@@ -105,26 +105,11 @@ pub enum InstallError {
 impl InstallError {
     pub fn failure_code(&self) -> FailureCode {
         match self {
-            InstallError::Bundle(BundleError::Trust(err)) => trust_failure_code(err),
-            InstallError::Bundle(BundleError::PayloadHash { .. }) => FailureCode::PayloadHash,
-            InstallError::Bundle(_) | InstallError::Read(_) => FailureCode::Download,
+            InstallError::Bundle(err) => err.failure_code(),
+            InstallError::Read(_) => FailureCode::Download,
             InstallError::NoSpace { .. } => FailureCode::NoSpace,
             InstallError::Io { .. } => FailureCode::Io,
         }
-    }
-}
-
-/// The reason code a verification failure is reported with.
-pub fn trust_failure_code(err: &TrustError) -> FailureCode {
-    match err {
-        TrustError::Expired { .. } => FailureCode::Expired,
-        TrustError::Downgrade { .. } | TrustError::KeyringRollback { .. } => FailureCode::Downgrade,
-        TrustError::Replay { .. } => FailureCode::Replay,
-        TrustError::WrongDevice { .. } => FailureCode::WrongDevice,
-        TrustError::WrongArch { .. } => FailureCode::WrongArch,
-        TrustError::AgentTooOld { .. } => FailureCode::AgentTooOld,
-        TrustError::ManifestMismatch { .. } => FailureCode::ManifestMismatch,
-        _ => FailureCode::Signature,
     }
 }
 

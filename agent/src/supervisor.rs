@@ -36,7 +36,7 @@ use crate::store::{ModelStore, Slot, StoreState, Trial};
 use crate::trust::{self, AGENT_VERSION};
 
 /// Requests a worker must have answered before its error rate counts.
-pub const MIN_GRACE_SAMPLES: u64 = 20;
+pub use edgefleet_protocol::manifest::MIN_GRACE_SAMPLES;
 /// Unexpected worker exits within [`CRASH_WINDOW`] that make the agent give up on a model.
 const MAX_CRASHES: usize = 3;
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
@@ -45,14 +45,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether a worker's live error rate breaks the manifest's limit, once enough requests count.
 pub fn error_rate_breach(stats: &WorkerStats, max_error_rate: f32) -> Option<String> {
-    let answered = stats.ok + stats.runtime_errors;
-    if answered < MIN_GRACE_SAMPLES {
-        return None;
-    }
-    let rate = stats.runtime_errors as f64 / answered as f64;
-    (rate > f64::from(max_error_rate)).then(|| {
-        format!("live error rate {:.1}% ({} of {answered} requests) is above the manifest's limit {:.1}%", rate * 100.0, stats.runtime_errors, max_error_rate * 100.0)
-    })
+    edgefleet_protocol::manifest::error_rate_breach(stats.ok, stats.runtime_errors, max_error_rate)
 }
 
 /// An admin request on the admin socket (one JSON line).
@@ -955,7 +948,7 @@ impl Supervisor {
             // The retained assignment comes again on every reconnect: not news.
             Err(edgefleet_protocol::TrustError::Replay { have, got }) if have == got => return,
             Err(err) => {
-                let code = crate::store::trust_failure_code(&err);
+                let code = err.failure_code();
                 self.record(
                     EventKind::InstallFailed { reason: code },
                     None,

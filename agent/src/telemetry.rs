@@ -29,30 +29,15 @@ pub struct WindowAcc {
 impl WindowAcc {
     pub fn new(manifest: &Manifest) -> Self {
         let features: Vec<Feature> = manifest
-            .features
-            .iter()
-            .filter_map(|spec| {
-                let reference = manifest
-                    .reference
-                    .as_ref()?
-                    .features
-                    .iter()
-                    .find(|r| r.name == spec.name)?
-                    .clone();
-                Some(Feature {
-                    tensor: spec.tensor.clone(),
-                    index: spec.index as usize,
-                    reference,
-                })
+            .referenced_features()
+            .map(|(spec, reference)| Feature {
+                tensor: spec.tensor.clone(),
+                index: spec.index as usize,
+                reference: reference.clone(),
             })
             .collect();
-        let score_bins = ReferenceFeature {
-            name: TensorName::new("score").expect("valid name"),
-            edges: (1..10).map(|i| f64::from(i) / 10.0).collect(),
-            proportions: vec![0.1; 10],
-            min: 0.0,
-            max: 1.0,
-        };
+        let score_bins =
+            ReferenceFeature::score_bins(TensorName::new("score").expect("valid name"));
         let mut acc = Self {
             features,
             score_bins,
@@ -140,13 +125,7 @@ impl WindowAcc {
                         .enumerate()
                         .max_by(|a, b| a.1.total_cmp(b.1))
                         .map_or(0, |(i, _)| i);
-                    let classes = ReferenceFeature {
-                        name: output.name.clone(),
-                        edges: (1..width).map(|i| i as f64 - 0.5).collect(),
-                        proportions: vec![1.0 / width as f64; width],
-                        min: 0.0,
-                        max: (width - 1) as f64,
-                    };
+                    let classes = ReferenceFeature::class_bins(output.name.clone(), width);
                     slot.sketch.observe(&classes, class as f64);
                 } else if let Some(score) = row.first() {
                     slot.sketch.observe(&self.score_bins, *score);

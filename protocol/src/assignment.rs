@@ -85,6 +85,17 @@ impl Floors {
             .map(|f| f.release)
     }
 
+    /// Raises `model`'s release floor to `release` (never lowers it).
+    pub fn raise_release(&mut self, model: &ModelName, release: u64) {
+        match self.releases.iter_mut().find(|f| &f.model == model) {
+            Some(floor) => floor.release = floor.release.max(release),
+            None => self.releases.push(ReleaseFloor {
+                model: model.clone(),
+                release,
+            }),
+        }
+    }
+
     /// "Now" for expiry checks: the device clock, but never behind the latest signed time seen.
     pub fn effective_now(&self, now: Timestamp) -> Timestamp {
         now.max(self.seen_time)
@@ -166,19 +177,8 @@ impl DeviceTrust {
 
     /// Raises the release floor once a bundle is installed. A rollback never lowers it.
     pub fn record_install(&mut self, bundle: &Verified<Bundle>) {
-        let manifest = &bundle.manifest;
-        match self
-            .floors
-            .releases
-            .iter_mut()
-            .find(|f| f.model == manifest.name)
-        {
-            Some(floor) => floor.release = floor.release.max(manifest.release),
-            None => self.floors.releases.push(ReleaseFloor {
-                model: manifest.name.clone(),
-                release: manifest.release,
-            }),
-        }
+        self.floors
+            .raise_release(&bundle.manifest.name, bundle.manifest.release);
     }
 
     /// Accepts a newer release keyring (and root rotations before it).

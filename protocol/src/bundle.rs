@@ -61,6 +61,18 @@ pub enum BundleError {
     },
 }
 
+impl BundleError {
+    /// The reason code a device reports a refused bundle with: the trust failure, a payload
+    /// hash mismatch, or (a malformed or short file) a failed download.
+    pub fn failure_code(&self) -> crate::messages::FailureCode {
+        match self {
+            BundleError::Trust(err) => err.failure_code(),
+            BundleError::PayloadHash { .. } => crate::messages::FailureCode::PayloadHash,
+            _ => crate::messages::FailureCode::Download,
+        }
+    }
+}
+
 /// Builds the bytes that precede the payloads in a bundle file.
 pub fn bundle_header(signed_manifest: &[u8]) -> Result<Vec<u8>, BundleError> {
     if signed_manifest.len() > MAX_MANIFEST_BYTES {

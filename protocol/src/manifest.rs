@@ -373,6 +373,21 @@ impl Manifest {
         Ok(())
     }
 
+    /// The features that have reference statistics, in manifest order, each with its
+    /// reference: the ones a device counts into bins (a feature without a reference has no
+    /// bins to count into).
+    pub fn referenced_features(&self) -> impl Iterator<Item = (&FeatureSpec, &ReferenceFeature)> {
+        self.features.iter().filter_map(|spec| {
+            let reference = self
+                .reference
+                .as_ref()?
+                .features
+                .iter()
+                .find(|r| r.name == spec.name)?;
+            Some((spec, reference))
+        })
+    }
+
     /// The single model payload (validation guarantees there is one).
     pub fn model_payload(&self) -> Option<&Payload> {
         self.payloads.iter().find(|p| p.role == PayloadRole::Model)
@@ -434,6 +449,27 @@ fn check_tensors(
         }
     }
     Ok(())
+}
+
+/// Requests a model must have answered in its grace window before its error rate counts.
+pub const MIN_GRACE_SAMPLES: u64 = 20;
+
+/// Whether a model's live error rate in its grace window breaks the manifest's
+/// `runtime.max_error_rate`, once [`MIN_GRACE_SAMPLES`] requests were answered (`ok` plus
+/// `runtime_errors`; refused inputs do not count). The reason, if it does.
+pub fn error_rate_breach(ok: u64, runtime_errors: u64, max_error_rate: f32) -> Option<String> {
+    let answered = ok + runtime_errors;
+    if answered < MIN_GRACE_SAMPLES {
+        return None;
+    }
+    let rate = runtime_errors as f64 / answered as f64;
+    (rate > f64::from(max_error_rate)).then(|| {
+        format!(
+            "live error rate {:.1}% ({runtime_errors} of {answered} requests) is above the manifest's limit {:.1}%",
+            rate * 100.0,
+            max_error_rate * 100.0
+        )
+    })
 }
 
 /// What a manifest must satisfy besides its signatures. Fields left `None` are not checked (the

@@ -95,6 +95,30 @@ impl ReferenceFeature {
     pub fn sketch(&self) -> FeatureSketch {
         FeatureSketch::new(self.edges.len() + 1)
     }
+
+    /// The bins a model output holding a single score is counted in: ten equal bins over [0, 1].
+    pub fn score_bins(name: TensorName) -> Self {
+        Self {
+            name,
+            edges: (1..10).map(|i| f64::from(i) / 10.0).collect(),
+            proportions: vec![0.1; 10],
+            min: 0.0,
+            max: 1.0,
+        }
+    }
+
+    /// The bins a model output of `width` class scores is counted in: its argmax class, one bin
+    /// per class.
+    pub fn class_bins(name: TensorName, width: usize) -> Self {
+        let width = width.max(1);
+        Self {
+            name,
+            edges: (1..width).map(|i| i as f64 - 0.5).collect(),
+            proportions: vec![1.0 / width as f64; width],
+            min: 0.0,
+            max: (width - 1) as f64,
+        }
+    }
 }
 
 /// Counts of one feature's values over a window, at the reference bins, plus moments.

@@ -429,5 +429,24 @@ pub enum TrustError {
     InvalidManifest(String),
 }
 
+impl TrustError {
+    /// The reason code a device reports this refusal with.
+    pub fn failure_code(&self) -> crate::messages::FailureCode {
+        use crate::messages::FailureCode;
+        match self {
+            TrustError::Expired { .. } => FailureCode::Expired,
+            TrustError::Downgrade { .. } | TrustError::KeyringRollback { .. } => {
+                FailureCode::Downgrade
+            }
+            TrustError::Replay { .. } => FailureCode::Replay,
+            TrustError::WrongDevice { .. } => FailureCode::WrongDevice,
+            TrustError::WrongArch { .. } => FailureCode::WrongArch,
+            TrustError::AgentTooOld { .. } => FailureCode::AgentTooOld,
+            TrustError::ManifestMismatch { .. } => FailureCode::ManifestMismatch,
+            _ => FailureCode::Signature,
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests;

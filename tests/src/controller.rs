@@ -210,6 +210,11 @@ impl ControllerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The controller's process id (to read its memory use).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The fleet CA certificate (what a device image ships with).
     pub fn ca_path(&self) -> PathBuf {
         self.data_dir.join("pki/ca.pem")
