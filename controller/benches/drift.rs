@@ -1,0 +1,2 @@
+//! Drift detection simulation table.
+fn main() {}
