@@ -92,10 +92,16 @@ impl DetectorConfig {
             return bad("alpha", "must be between 0 and 1, e.g. 0.01");
         }
         if !(self.clear_alpha >= self.alpha && self.clear_alpha < 1.0) {
-            return bad("clear_alpha", "must be at least alpha and below 1, e.g. 0.05");
+            return bad(
+                "clear_alpha",
+                "must be at least alpha and below 1, e.g. 0.05",
+            );
         }
         if self.consecutive == 0 || self.clear_windows == 0 {
-            return bad("consecutive", "consecutive and clear_windows must be at least 1");
+            return bad(
+                "consecutive",
+                "consecutive and clear_windows must be at least 1",
+            );
         }
         if !(self.min_share > 0.0 && self.min_share <= 1.0) {
             return bad("min_share", "must be above 0 and at most 1, e.g. 0.3");
@@ -223,16 +229,24 @@ pub struct Change {
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// The window was added to the scope's pending sum, which is still below `window_samples`.
-    Accumulating { rows: u64, needed: u64 },
+    Accumulating {
+        rows: u64,
+        needed: u64,
+    },
     /// The window was refused (sketches taken with other bins); the state did not change.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     Evaluated(Box<Evaluation>),
     DriftDetected(Box<Change>),
     DriftCleared(Box<Change>),
     PredictionDriftDetected(Box<Change>),
     PredictionDriftCleared(Box<Change>),
     /// The output baseline is complete; outputs are tested from the next window on.
-    OutputBaselineSet { outputs: Vec<TensorName>, rows: u64 },
+    OutputBaselineSet {
+        outputs: Vec<TensorName>,
+        rows: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -137,7 +137,11 @@ fn survival(statistic: f64, dof: u32) -> Option<f64> {
 
 /// χ² goodness of fit of `observed` (counts, possibly scaled) against `proportions`, with
 /// sparse bins merged until each group expects `min_expected` values.
-pub fn chi_square_gof(observed: &[f64], proportions: &[f64], min_expected: f64) -> Option<ChiSquare> {
+pub fn chi_square_gof(
+    observed: &[f64],
+    proportions: &[f64],
+    min_expected: f64,
+) -> Option<ChiSquare> {
     if observed.len() != proportions.len() {
         return None;
     }
@@ -169,7 +173,11 @@ pub fn chi_square_gof(observed: &[f64], proportions: &[f64], min_expected: f64) 
 
 /// χ² test of homogeneity of `window` and `baseline` (the 2 × bins contingency table, no
 /// continuity correction), with adjacent bins merged until both rows expect `min_expected`.
-pub fn chi_square_two_sample(window: &[f64], baseline: &[f64], min_expected: f64) -> Option<ChiSquare> {
+pub fn chi_square_two_sample(
+    window: &[f64],
+    baseline: &[f64],
+    min_expected: f64,
+) -> Option<ChiSquare> {
     if window.len() != baseline.len() {
         return None;
     }

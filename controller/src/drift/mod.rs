@@ -80,7 +80,9 @@ pub enum DriftError {
         expected: usize,
         got: usize,
     },
-    #[error("the reference statistics are not usable: {0}; rebuild the bundle's reference from training data")]
+    #[error(
+        "the reference statistics are not usable: {0}; rebuild the bundle's reference from training data"
+    )]
     Reference(String),
     #[error(
         "the model has no reference features to watch; build its bundle with a reference sample (--reference)"

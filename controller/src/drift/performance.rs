@@ -114,7 +114,10 @@ pub struct Crossing {
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// The baseline is still being learned.
-    Learning { count: u64, needed: u64 },
+    Learning {
+        count: u64,
+        needed: u64,
+    },
     BaselineSet(Baseline),
     Evaluated(Point),
     Degraded(Crossing),
@@ -144,7 +147,9 @@ pub struct PerformanceChart {
 
 fn add(total: &mut FeedbackStats, window: &FeedbackStats) {
     total.count = total.count.saturating_add(window.count);
-    total.correct = total.correct.saturating_add(window.correct.min(window.count));
+    total.correct = total
+        .correct
+        .saturating_add(window.correct.min(window.count));
     total.abs_error_sum += window.abs_error_sum;
     total.sq_error_sum += window.sq_error_sum;
 }
@@ -282,7 +287,11 @@ impl PerformanceChart {
                     extend(&mut self.run);
                     if self.statistic >= threshold {
                         actions.push(Action::Degraded(self.crossing(
-                            now, window_no, &baseline, self.run, self.statistic,
+                            now,
+                            window_no,
+                            &baseline,
+                            self.run,
+                            self.statistic,
                         )));
                         self.recovery = Some((
                             0.0,

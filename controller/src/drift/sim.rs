@@ -191,8 +191,9 @@ impl Delays {
     }
 
     pub fn mean(&self) -> Option<f64> {
-        (!self.delays.is_empty())
-            .then(|| self.delays.iter().map(|d| f64::from(*d)).sum::<f64>() / self.delays.len() as f64)
+        (!self.delays.is_empty()).then(|| {
+            self.delays.iter().map(|d| f64::from(*d)).sum::<f64>() / self.delays.len() as f64
+        })
     }
 
     /// The `q` quantile over all runs; `None` when it falls among runs that never detected.
@@ -316,7 +317,10 @@ impl Simulation {
         let mut alarms = vec![vec![0u64; self.features.len()]; rules.len()];
         for _ in 0..windows {
             let (window, raw) = self.window(&mut rng, n, None, needs_raw);
-            let before: Vec<bool> = detector.feature_states().map(|(_, s)| s.is_drifting()).collect();
+            let before: Vec<bool> = detector
+                .feature_states()
+                .map(|(_, s)| s.is_drifting())
+                .collect();
             let evaluation = evaluation(&mut detector, &window)?;
             for (r, rule) in rules.iter().enumerate() {
                 for i in 0..self.features.len() {
@@ -414,7 +418,10 @@ impl Simulation {
     }
 }
 
-fn evaluation(detector: &mut DriftDetector, window: &ScopeWindow) -> Result<Evaluation, DriftError> {
+fn evaluation(
+    detector: &mut DriftDetector,
+    window: &ScopeWindow,
+) -> Result<Evaluation, DriftError> {
     for action in detector.handle(Timestamp(0), window) {
         if let Action::Evaluated(evaluation) = action {
             return Ok(*evaluation);
