@@ -175,6 +175,15 @@ impl FalseAlarms {
     }
 }
 
+/// How many runs a delay measurement makes, how long each may take, and its seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runs {
+    pub runs: u32,
+    /// Windows a run may take before it counts as not detected.
+    pub max_windows: u32,
+    pub seed: u64,
+}
+
 /// Per rule, how many windows after the drift began it took to raise the alarm.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delays {
@@ -347,18 +356,21 @@ impl Simulation {
         Ok(out)
     }
 
-    /// `runs` runs, each a fresh detector whose first feature of `shape` drifts by `scenario`
-    /// from the first window on, up to `max_windows` windows of `n` rows.
+    /// `runs.runs` runs, each a fresh detector whose first feature of `shape` drifts by
+    /// `scenario` from the first window on, up to `runs.max_windows` windows of `n` rows.
     pub fn delays(
         &self,
         n: u64,
         shape: Shape,
         scenario: Scenario,
-        runs: u32,
-        max_windows: u32,
         rules: &[Rule],
-        seed: u64,
+        runs: Runs,
     ) -> Result<Vec<Delays>, DriftError> {
+        let Runs {
+            runs,
+            max_windows,
+            seed,
+        } = runs;
         let Some(target) = self.features.iter().position(|f| f.shape == shape) else {
             return Ok(Vec::new());
         };
@@ -479,4 +491,94 @@ pub fn kolmogorov_sf(x: f64) -> f64 {
         }
     }
     (2.0 * sum).clamp(0.0, 1.0)
+}
+
+/// The CUSUM chart's behaviour on simulated labels: false alarms and delays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChartRuns {
+    /// Degradations flagged over all drift-free windows.
+    pub false_alarms: u64,
+    pub stationary_windows: u64,
+    /// Windows from the change to the flag, per run that flagged within its limit.
+    pub delays: Delays,
+}
+
+/// Error-rate chart runs: `labels` labelled predictions per window at error rate `p0`, then
+/// (fresh chart per run, baseline given) at `p1` from the first window on, up to
+/// `runs.max_windows`. The drift-free part runs `stationary_windows` windows through one chart.
+pub fn chart_runs(
+    config: &super::performance::ChartConfig,
+    (p0, p1): (f64, f64),
+    labels: u64,
+    stationary_windows: u32,
+    runs: Runs,
+) -> ChartRuns {
+    let Runs {
+        runs,
+        max_windows,
+        seed,
+    } = runs;
+    use super::performance::{Action as ChartAction, PerformanceChart};
+    use edgefleet_protocol::messages::FeedbackStats;
+
+    let window = |rng: &mut Xoshiro256PlusPlus, p: f64| {
+        let wrong = (0..labels).filter(|_| rng.random::<f64>() < p).count() as u64;
+        FeedbackStats {
+            count: labels,
+            correct: labels - wrong,
+            abs_error_sum: wrong as f64,
+            sq_error_sum: wrong as f64,
+        }
+    };
+    let baseline = FeedbackStats {
+        count: 100_000,
+        correct: 100_000 - (p0 * 100_000.0).round() as u64,
+        abs_error_sum: 0.0,
+        sq_error_sum: 0.0,
+    };
+    let config = super::performance::ChartConfig {
+        baseline: Some(baseline),
+        ..config.clone()
+    };
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    let mut chart = PerformanceChart::new(config.clone());
+    let mut false_alarms = 0;
+    for _ in 0..stationary_windows {
+        let feedback = window(&mut rng, p0);
+        let actions = chart.handle(Timestamp(0), Some(&feedback));
+        if actions
+            .iter()
+            .any(|a| matches!(a, ChartAction::Degraded(_)))
+        {
+            false_alarms += 1;
+            // Start over, as an operator acknowledging a false alarm would.
+            chart = PerformanceChart::new(config.clone());
+        }
+    }
+    let mut delays = Vec::new();
+    for run in 0..runs {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ (u64::from(run) << 32) ^ 1);
+        let mut chart = PerformanceChart::new(config.clone());
+        for w in 1..=max_windows {
+            let feedback = window(&mut rng, p1);
+            let actions = chart.handle(Timestamp(0), Some(&feedback));
+            if actions
+                .iter()
+                .any(|a| matches!(a, ChartAction::Degraded(_)))
+            {
+                delays.push(w);
+                break;
+            }
+        }
+    }
+    ChartRuns {
+        false_alarms,
+        stationary_windows: u64::from(stationary_windows),
+        delays: Delays {
+            rule: Rule::Detector,
+            delays,
+            runs,
+            max_windows,
+        },
+    }
 }
