@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod demo;
+pub mod drift;
 pub mod fsutil;
 pub mod release;
 pub mod rollout;
