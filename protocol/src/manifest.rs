@@ -613,7 +613,11 @@ mod tests {
     #[test]
     fn the_prediction_defaults_to_the_first_output_at_threshold_one_half() {
         let mut manifest = crate::trust::tests::manifest(1, "any");
-        assert_eq!(manifest.prediction_spec(), None, "no outputs, nothing to score");
+        assert_eq!(
+            manifest.prediction_spec(),
+            None,
+            "no outputs, nothing to score"
+        );
         let output = |name: &str| TensorSpec {
             name: TensorName::new(name).unwrap(),
             dtype: DType::F32,
@@ -642,7 +646,9 @@ mod tests {
         assert!(err.contains("output missing"), "{err}");
         manifest.prediction = Some(PredictionSpec {
             output: TensorName::new("score").unwrap(),
-            kind: PredictionKind::Classification { threshold: f32::NAN },
+            kind: PredictionKind::Classification {
+                threshold: f32::NAN,
+            },
         });
         assert!(manifest.validate().unwrap_err().contains("finite"));
     }

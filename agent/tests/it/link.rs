@@ -18,14 +18,14 @@ use edgefleet_tests::peer::ControllerPeer;
 
 use crate::{Setup, agent_bin, install_ok};
 
-const KEY: [u8; 32] = [7; 32];
+pub const KEY: [u8; 32] = [7; 32];
 
 fn linked_agent(dir: &std::path::Path, pki: &TestPki, broker: &Mosquitto) -> Setup {
     linked_agent_with(dir, pki, broker, &[])
 }
 
 /// An agent linked to `broker` with a device certificate from `pki`, plus `extra` settings.
-fn linked_agent_with(
+pub fn linked_agent_with(
     dir: &std::path::Path,
     pki: &TestPki,
     broker: &Mosquitto,
@@ -192,6 +192,7 @@ fn assignment(
         }),
         shadow: None,
         rollout: None,
+        capture: None,
     }
     .sign(&setup.fleet.controller)
 }

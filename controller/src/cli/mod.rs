@@ -52,6 +52,8 @@ pub enum Command {
     Token(Online<online::token::TokenCommand>),
     /// The controller's hash-chained audit log: verify, export.
     Audit(Online<online::audit::AuditCommand>),
+    /// Data capture for retraining: turn it on or off per device, list and download batches.
+    Capture(Online<online::capture::CaptureCommand>),
     /// Print a shell completion script, e.g. `edgefleet completions bash > /etc/bash_completion.d/edgefleet`.
     Completions {
         #[arg(value_enum)]
@@ -71,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EnrollToken(command) => online::run(command, online::token::run_enroll),
         Command::Token(command) => online::run(command, online::token::run_api),
         Command::Audit(command) => online::run(command, online::audit::run),
+        Command::Capture(command) => online::run(command, online::capture::run),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics when its writer fails (`| head`).
             let mut script = Vec::new();

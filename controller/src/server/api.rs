@@ -172,6 +172,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/audit", get(audit_export))
         .route("/api/v1/audit/verify", get(audit_verify))
         .merge(super::registry::routes())
+        .merge(super::capture::routes())
         .layer(DefaultBodyLimit::max(JSON_LIMIT))
         .layer(axum::middleware::from_fn(move |req, next| {
             let metrics = metrics.clone();
@@ -606,6 +607,7 @@ fn assignment_summary(a: &Assignment) -> Value {
         "rollback": a.rollback,
         "active": model(&a.active),
         "shadow": model(&a.shadow),
+        "capture": a.capture.is_some(),
     })
 }
 
@@ -665,6 +667,7 @@ pub async fn issue_assignment(
         active: active.map(|m| assigned(app, m)).transpose()?,
         shadow: shadow.map(|m| assigned(app, m)).transpose()?,
         rollout: None,
+        capture: super::capture::device_settings(&app.store, device.as_str()).await?,
     };
     let summary = assignment_summary(&template);
     let audit = AuditEntry::new(

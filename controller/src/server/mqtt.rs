@@ -21,6 +21,7 @@ use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
 use super::broker::Logins;
+use super::capture::NoticeAnswers;
 use super::metrics::Metrics;
 use super::store::{Report, StatusUpdate, Store};
 
@@ -225,6 +226,7 @@ pub fn start(
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     takeover: Takeover,
+    captures: NoticeAnswers,
 ) -> Publisher {
     let mut options = MqttOptions::new(
         settings.client_id.clone(),
@@ -408,7 +410,7 @@ pub fn start(
                 }
             }
             let mut acks: BTreeMap<String, (DeviceId, DeviceMacKey, Vec<u64>)> = BTreeMap::new();
-            for item in batch {
+            for item in &batch {
                 acks.entry(item.device.to_string())
                     .or_insert_with(|| (item.device.clone(), item.key.clone(), Vec::new()))
                     .2
@@ -427,6 +429,22 @@ pub fn start(
                     .await
                 {
                     tracing::warn!(%err, "cannot queue an ack; the device will resend");
+                }
+            }
+            // Committed capture notices get their upload URL (or refusal) on the same topic.
+            for item in &batch {
+                let DeviceBody::Capture(notice) = &item.message.body else {
+                    continue;
+                };
+                let answer = captures.answer(now, &item.device, notice).await;
+                let message = ControllerMessage::new(item.device.clone(), clock.now(), answer)
+                    .seal(&item.key);
+                let topic = Topic::new(item.device.clone(), TopicKind::Ack).to_string();
+                if let Err(err) = ack_client
+                    .publish(topic, QoS::AtLeastOnce, false, message)
+                    .await
+                {
+                    tracing::warn!(%err, "cannot queue a capture answer; the device announces the batch again");
                 }
             }
         }
