@@ -740,8 +740,9 @@ impl Supervisor {
         self.spool_capture_notices();
     }
 
+    /// Spools the notices due; while disconnected they wait (rather than piling up).
     fn spool_capture_notices(&mut self) {
-        if self.link.is_none() {
+        if self.link.is_none() || !self.connected {
             return;
         }
         let now = self.now();

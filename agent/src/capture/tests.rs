@@ -220,7 +220,7 @@ fn past_the_disk_bound_new_records_are_dropped() {
         inputs: vec![NamedTensor {
             name: TensorName::new("x").unwrap(),
             shape: vec![1, 5_000_000],
-            data: TensorData::F32(vec![0.5; 5_000_000]),
+            data: TensorData::F32(vec![0.1; 5_000_000]),
         }],
         outputs: Vec::new(),
     });

@@ -189,13 +189,7 @@ async fn reissue(
     device: &DeviceId,
     capture: Option<CaptureSettings>,
 ) -> ApiResult<Value> {
-    let stored = app
-        .store
-        .assignments()
-        .await?
-        .into_iter()
-        .find(|(id, bytes)| id == device.as_str() && !bytes.is_empty());
-    let Some((_, bytes)) = stored else {
+    let Some(bytes) = app.store.device_assignment(device.as_str()).await? else {
         return Ok(Value::Null);
     };
     let current = Signed::decode("assignment", &bytes, MAX_MESSAGE_BYTES)

@@ -1194,6 +1194,18 @@ impl Store {
         .await
     }
 
+    /// `device`'s current signed assignment, if it has one.
+    pub async fn device_assignment(&self, device: &str) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT assignment FROM devices WHERE id = $1")
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("device {device:?}")))?;
+        Ok(row
+            .try_get::<Option<Vec<u8>>, _>("assignment")?
+            .filter(|bytes| !bytes.is_empty()))
+    }
+
     /// The capture settings (JSON) of `device`; `None` when capture is off.
     pub async fn capture_settings(&self, device: &str) -> Result<Option<serde_json::Value>> {
         sqlx::query("SELECT settings FROM capture_settings WHERE device = $1")
