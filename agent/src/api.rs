@@ -93,11 +93,11 @@ impl ApiState {
 
     /// Sends a captured record of `served` to the supervisor.
     fn captured(&self, served: &Served, record: &CaptureRecord) {
-        let cbor = hex::encode(edgefleet_protocol::codec::encode(record));
-        let event = WorkerEvent::Captured {
-            model: served.model_ref.clone(),
-            cbor,
-        };
+        let cbor = hex::encode(edgefleet_protocol::codec::encode(&(
+            &served.model_ref,
+            record,
+        )));
+        let event = WorkerEvent::Captured { cbor };
         tokio::task::block_in_place(|| (self.emit)(&event));
     }
 }

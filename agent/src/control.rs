@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use edgefleet_protocol::capture::CaptureSettings;
-use edgefleet_protocol::messages::{
-    ErrorCounts, FailureCode, FeedbackStats, ModelRef, NamedSketch,
-};
+use edgefleet_protocol::messages::{ErrorCounts, FailureCode, FeedbackStats, NamedSketch};
 use edgefleet_protocol::sketch::LatencyHistogram;
 use serde::{Deserialize, Serialize};
 
@@ -75,8 +73,9 @@ pub enum WorkerEvent {
     Stats(WorkerStats),
     /// The telemetry window asked for with `take_window`.
     Window(Box<WindowData>),
-    /// A captured record of the active model, CBOR-encoded (NaNs survive) as hex.
-    Captured { model: ModelRef, cbor: String },
+    /// A captured record of the active model: hex of the CBOR of `(ModelRef, CaptureRecord)`
+    /// (CBOR keeps NaNs and byte strings, which JSON would not).
+    Captured { cbor: String },
 }
 
 /// What the worker saw since the previous window: counts, latency, and sketches of the

@@ -182,8 +182,8 @@ struct Supervisor {
     download: Option<(u64, String, tokio::task::JoinHandle<()>)>,
     downloads_tx: mpsc::UnboundedSender<Downloaded>,
     capture: CaptureStore,
-    /// Captured records from the workers: (model, hex CBOR of the record).
-    capture_tx: mpsc::Sender<(ModelRef, String)>,
+    /// Captured records from the workers: hex CBOR of (model, record).
+    capture_tx: mpsc::Sender<String>,
     uploader: Option<Uploader>,
     uploads_tx: mpsc::UnboundedSender<(u64, Result<(), UploadError>)>,
 }
@@ -254,7 +254,7 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
     }
     let (worker_tx, worker_rx) = mpsc::unbounded_channel();
     let (downloads_tx, mut downloads_rx) = mpsc::unbounded_channel::<Downloaded>();
-    let (capture_tx, mut capture_rx) = mpsc::channel::<(ModelRef, String)>(CAPTURE_QUEUE);
+    let (capture_tx, mut capture_rx) = mpsc::channel::<String>(CAPTURE_QUEUE);
     let (uploads_tx, mut uploads_rx) = mpsc::unbounded_channel();
     // One crypto provider for every TLS client in the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -377,7 +377,7 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
                 sup.flush();
             }
             _ = window_tick.tick() => sup.close_window().await,
-            Some((model, cbor)) = capture_rx.recv() => sup.on_captured(&model, &cbor),
+            Some(cbor) = capture_rx.recv() => sup.on_captured(&cbor),
             Some((batch, result)) = uploads_rx.recv() => {
                 if let Err(err) = sup.capture.uploaded(batch, result, Instant::now()) {
                     tracing::error!(error = %err, batch, "cannot remove an uploaded capture batch");
@@ -707,25 +707,25 @@ impl Supervisor {
     }
 
     /// A record a worker captured.
-    fn on_captured(&mut self, model: &ModelRef, cbor: &str) {
+    fn on_captured(&mut self, cbor: &str) {
         let record = hex::decode(cbor)
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
-                codec::decode::<CaptureRecord>(
+                codec::decode::<(ModelRef, CaptureRecord)>(
                     "captured record",
                     &bytes,
                     edgefleet_protocol::capture::MAX_CAPTURE_BATCH_BYTES as usize,
                 )
                 .map_err(|e| e.to_string())
             });
-        let record = match record {
-            Ok(record) => record,
+        let (model, record) = match record {
+            Ok(decoded) => decoded,
             Err(err) => {
                 tracing::warn!(error = %err, "the worker sent an unreadable captured record");
                 return;
             }
         };
-        match self.capture.append(model, &record, self.now()) {
+        match self.capture.append(&model, &record, self.now()) {
             Ok(Appended::Stored | Appended::Off | Appended::Dropped(_)) => {}
             Err(err) => tracing::error!(error = %err, "cannot store a captured record"),
         }
@@ -843,8 +843,8 @@ impl Supervisor {
                     line = lines.next_line() => match line {
                         Ok(Some(line)) => match serde_json::from_str::<WorkerEvent>(&line) {
                             // Captured records bypass the control flow (and never wait for it).
-                            Ok(WorkerEvent::Captured { model, cbor }) => {
-                                if capture_tx.try_send((model, cbor)).is_err() {
+                            Ok(WorkerEvent::Captured { cbor }) => {
+                                if capture_tx.try_send(cbor).is_err() {
                                     tracing::warn!("the capture queue is full; a captured record was dropped");
                                 }
                             }

@@ -19,12 +19,7 @@ const WAIT: Duration = Duration::from_secs(90);
 
 /// The four readings of request `i`, distinct per request.
 fn reading(i: usize) -> Vec<f32> {
-    vec![
-        40.0 + i as f32 * 0.5,
-        2.0 + i as f32 * 0.125,
-        12.0,
-        5.75,
-    ]
+    vec![40.0 + i as f32 * 0.5, 2.0 + i as f32 * 0.125, 12.0, 5.75]
 }
 
 #[test]
@@ -72,7 +67,9 @@ fn captured_requests_download_as_exactly_the_sampled_rows() {
             .infer(&[("features", Tensor::f32(vec![1, 4], reading(i)))])
             .unwrap();
         let label = (i % 2) as u32;
-        client.feedback(reply.id, GroundTruth::Label(label)).unwrap();
+        client
+            .feedback(reply.id, GroundTruth::Label(label))
+            .unwrap();
         if reply.captured {
             let p = reply.outputs["anomaly_probability"].data[0];
             sampled.insert(reply.id, (reading(i), p, label));
@@ -85,13 +82,27 @@ fn captured_requests_download_as_exactly_the_sampled_rows() {
     );
 
     // Every sampled request arrives: announced, answered with a URL, uploaded, stored.
+    let started = std::time::Instant::now();
     let uploaded = wait_until(WAIT, "the captured batches to be uploaded", || {
         let (status, body) = controller.get(&format!("/api/v1/captures?device={DEVICE}"));
         assert_eq!(status, 200, "{body}");
         let samples = body["uploaded_samples"].as_u64().unwrap();
+        assert!(
+            started.elapsed() < WAIT - Duration::from_secs(5),
+            "{} of {} samples uploaded: {body}\nagent: {}\ncontroller log:\n{}\nagent log:\n{}",
+            samples,
+            sampled.len(),
+            agent.status()["capture"],
+            controller.log_text(),
+            agent.log_text()
+        );
         (samples >= sampled.len() as u64).then_some(body)
     });
-    assert_eq!(uploaded["uploaded_samples"], sampled.len() as u64, "{uploaded}");
+    assert_eq!(
+        uploaded["uploaded_samples"],
+        sampled.len() as u64,
+        "{uploaded}"
+    );
     for batch in uploaded["captures"].as_array().unwrap() {
         assert_eq!(batch["model_digest"], digest.as_str());
         assert!(batch["uploaded_at"].is_i64(), "{batch}");
@@ -99,7 +110,11 @@ fn captured_requests_download_as_exactly_the_sampled_rows() {
     wait_until(WAIT, "the device to delete the uploaded batches", || {
         (agent.status()["capture"]["batches_pending"] == 0).then_some(())
     });
-    let listed = run_ok(controller.cli().args(["capture", "list", "--device", DEVICE]));
+    let listed = run_ok(
+        controller
+            .cli()
+            .args(["capture", "list", "--device", DEVICE]),
+    );
     assert!(listed.stdout.starts_with("DEVICE"), "{}", listed.stdout);
     assert_eq!(
         listed.stdout.lines().count(),
@@ -113,7 +128,11 @@ fn captured_requests_download_as_exactly_the_sampled_rows() {
             .args(["capture", "download", "--model", "pump-anomaly@1.0.0", "-o"])
             .arg(&csv),
     );
-    assert!(written.stdout.contains(&format!("({} rows", sampled.len())), "{}", written.stdout);
+    assert!(
+        written.stdout.contains(&format!("({} rows", sampled.len())),
+        "{}",
+        written.stdout
+    );
     let text = std::fs::read_to_string(&csv).unwrap();
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
@@ -151,7 +170,11 @@ fn captured_requests_download_as_exactly_the_sampled_rows() {
         let expected: Vec<String> = inputs.iter().map(f32::to_string).collect();
         assert_eq!(row[4..8], expected[..], "prediction {id}");
         assert_eq!(row[8], (*p as f32).to_string(), "prediction {id}");
-        assert_eq!(row[9], label.to_string(), "prediction {id}: its ground truth");
+        assert_eq!(
+            row[9],
+            label.to_string(),
+            "prediction {id}: its ground truth"
+        );
         assert_eq!(row[10], "");
     }
 

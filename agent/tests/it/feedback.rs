@@ -6,16 +6,15 @@
 use std::time::Duration;
 
 use edgefleet_client::{ClientError, GroundTruth, Tensor};
+use edgefleet_protocol::TensorName;
 use edgefleet_protocol::manifest::{PredictionKind, PredictionSpec};
 use edgefleet_protocol::messages::{DeviceBody, FeedbackStats};
-use edgefleet_protocol::{DeviceId, DeviceMacKey, TensorName};
 use edgefleet_tests::agent::wait_until;
-use edgefleet_tests::broker::{Mosquitto, TestPki, mosquitto_available};
+use edgefleet_tests::broker::mosquitto_available;
 use edgefleet_tests::fleet::BundleSpec;
 use edgefleet_tests::models::fixture;
-use edgefleet_tests::peer::ControllerPeer;
 
-use crate::link::{KEY, linked_agent_with};
+use crate::link::{Link, link, linked_agent_with};
 use crate::{install_ok, setup};
 
 /// Inputs of the two 3-class fixtures and their argmax classes (measured with onnxruntime):
@@ -58,11 +57,7 @@ fn feedback_is_counted_exactly_in_the_windows_the_controller_receives() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::new(&dir.path().join("pki"));
-    let broker = Mosquitto::start(&pki, &dir.path().join("broker"), "edgefleet-controller");
-    let controller = pki.issue("edgefleet-controller", &[]);
-    let device = DeviceId::new("test-device").unwrap();
-    let peer = ControllerPeer::start(broker.addr, &pki.ca, &controller, device, DeviceMacKey(KEY));
+    let Link { pki, broker, peer } = link(dir.path());
     let setup = linked_agent_with(dir.path(), &pki, &broker, &[]);
     let primary = install_ok(&setup, &classifier("classifier3.onnx", "classifier"));
     let (shadow_path, shadow) = setup

@@ -248,7 +248,7 @@ fn check_name(what: &str, name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
     body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<T> {
     body.map(|Json(v)| v)
@@ -436,7 +436,7 @@ async fn list_devices(
     Ok(Json(json!({"devices": devices})))
 }
 
-fn device_id(id: &str) -> ApiResult<DeviceId> {
+pub(crate) fn device_id(id: &str) -> ApiResult<DeviceId> {
     DeviceId::new(id).map_err(|e| ApiError::bad_request(format!("device id {id:?}: {e}")))
 }
 

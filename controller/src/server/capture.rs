@@ -37,7 +37,7 @@ use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
 use super::App;
-use super::api::{ApiError, ApiResult, authorize, find_model};
+use super::api::{ApiError, ApiResult, authorize, device_id, find_model, json_body};
 use super::audit::AuditEntry;
 use super::auth::Role;
 use super::store::{CaptureRow, Store, StoreError};
@@ -116,10 +116,6 @@ pub async fn device_settings(
         .transpose()
 }
 
-fn device_id(id: &str) -> ApiResult<DeviceId> {
-    DeviceId::new(id).map_err(|e| ApiError::bad_request(format!("device id {id:?}: {e}")))
-}
-
 async fn enable(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -128,9 +124,7 @@ async fn enable(
 ) -> ApiResult<impl IntoResponse> {
     let caller = authorize(&app, &headers, Role::Operator).await?;
     let device = device_id(&id)?;
-    let request = body
-        .map(|Json(v)| v)
-        .map_err(|e| ApiError::bad_request(format!("unreadable JSON body: {}", e.body_text())))?;
+    let request = json_body(body)?;
     let settings = request.settings()?;
     let shown = settings_json(&settings);
     change(&app, &caller.actor(), &device, Some(settings), shown).await

@@ -20,6 +20,24 @@ fn demo_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../controller/demo/sensor-anomaly.onnx")
 }
 
+/// A real agent (state in `dir`) with the demo pump model installed and active.
+fn agent_serving_the_pump_model(dir: &Path, env: &[(&str, &str)]) -> AgentProcess {
+    let fleet = TestFleet::new(&dir.join("fleet"));
+    let mut agent = AgentProcess::start(&bin("edgefleet-agent"), &fleet, &dir.join("state"), env);
+    agent.wait_ready();
+    let spec = BundleSpec::fixture(
+        &demo_model(),
+        "pump-anomaly",
+        1,
+        ("features", &[Some(1), Some(4)]),
+        ("anomaly_probability", &[Some(1), Some(1)]),
+    );
+    let (bundle, _) = fleet.bundle(&spec);
+    let answer = agent.install(&bundle).unwrap();
+    assert_eq!(answer["result"], "activated", "{answer}");
+    agent
+}
+
 /// The feedback in the telemetry windows the agent spooled so far, summed.
 fn spooled_feedback(agent: &AgentProcess) -> FeedbackStats {
     let mut total = FeedbackStats::default();
@@ -52,24 +70,7 @@ fn value<'a>(line: &'a str, key: &str) -> &'a str {
 #[test]
 fn an_injected_bearing_fault_is_flagged_and_feedback_is_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = TestFleet::new(&dir.path().join("fleet"));
-    let mut agent = AgentProcess::start(
-        &bin("edgefleet-agent"),
-        &fleet,
-        &dir.path().join("state"),
-        &[("EDGEFLEET_TELEMETRY_WINDOW_S", "1")],
-    );
-    agent.wait_ready();
-    let spec = BundleSpec::fixture(
-        &demo_model(),
-        "pump-anomaly",
-        1,
-        ("features", &[Some(1), Some(4)]),
-        ("anomaly_probability", &[Some(1), Some(1)]),
-    );
-    let (bundle, _) = fleet.bundle(&spec);
-    let answer = agent.install(&bundle).unwrap();
-    assert_eq!(answer["result"], "activated", "{answer}");
+    let agent = agent_serving_the_pump_model(dir.path(), &[("EDGEFLEET_TELEMETRY_WINDOW_S", "1")]);
 
     let (samples, fault_at) = (160u64, 80u64);
     let out = run_ok(
@@ -79,6 +80,7 @@ fn an_injected_bearing_fault_is_flagged_and_feedback_is_counted() {
             .args(["--samples", &samples.to_string()])
             .args(["--fault", "bearing", "--fault-at", &fault_at.to_string()]),
     );
+    eprintln!("sensor-anomaly output:\n{}", out.stdout);
     let flagged: Vec<u64> = out
         .stdout
         .lines()
@@ -129,23 +131,7 @@ fn an_injected_bearing_fault_is_flagged_and_feedback_is_counted() {
 #[test]
 fn recorded_readings_from_standard_input_are_scored() {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = TestFleet::new(&dir.path().join("fleet"));
-    let mut agent = AgentProcess::start(
-        &bin("edgefleet-agent"),
-        &fleet,
-        &dir.path().join("state"),
-        &[],
-    );
-    agent.wait_ready();
-    let spec = BundleSpec::fixture(
-        &demo_model(),
-        "pump-anomaly",
-        1,
-        ("features", &[Some(1), Some(4)]),
-        ("anomaly_probability", &[Some(1), Some(1)]),
-    );
-    let (bundle, _) = fleet.bundle(&spec);
-    assert_eq!(agent.install(&bundle).unwrap()["result"], "activated");
+    let agent = agent_serving_the_pump_model(dir.path(), &[]);
     let csv = dir.path().join("readings.csv");
     // A healthy reading, then a hot, shaking bearing.
     std::fs::write(
