@@ -54,7 +54,6 @@ struct OpenBatch {
     file: File,
     bytes: u64,
     samples: u32,
-    records: u32,
     opened_at: Timestamp,
     first_at: Timestamp,
     last_at: Timestamp,
@@ -108,6 +107,7 @@ pub struct CaptureStore {
     sealed: BTreeMap<u64, Sealed>,
     next_batch: u64,
     dropped: u64,
+    stored: u64,
 }
 
 impl CaptureStore {
@@ -133,6 +133,7 @@ impl CaptureStore {
             sealed: BTreeMap::new(),
             next_batch,
             dropped: 0,
+            stored: 0,
         };
         for entry in fs::read_dir(dir)?.filter_map(Result::ok) {
             let path = entry.path();
@@ -229,6 +230,11 @@ impl CaptureStore {
         self.dropped
     }
 
+    /// Records stored since the agent started.
+    pub fn stored(&self) -> u64 {
+        self.stored
+    }
+
     /// Batches waiting for upload.
     pub fn pending(&self) -> usize {
         self.sealed.len()
@@ -316,7 +322,6 @@ impl CaptureStore {
                 file,
                 bytes: header,
                 samples: 0,
-                records: 0,
                 opened_at: now,
                 first_at: record.at(),
                 last_at: record.at(),
@@ -325,13 +330,14 @@ impl CaptureStore {
         let open = self.open.as_mut().expect("opened above");
         write_frame(&mut open.file, &frame)?;
         open.bytes += frame_bytes;
-        open.records += 1;
         open.first_at = open.first_at.min(record.at());
         open.last_at = open.last_at.max(record.at());
         if matches!(record, CaptureRecord::Sample(_)) {
             open.samples += 1;
         }
-        if open.samples >= settings.max_batch_samples {
+        let full = open.samples >= settings.max_batch_samples;
+        self.stored += 1;
+        if full {
             self.seal()?;
         }
         Ok(Appended::Stored)

@@ -1268,6 +1268,7 @@ impl Supervisor {
                 "settings": self.capture.settings(),
                 "batches_pending": self.capture.pending(),
                 "bytes": self.capture.bytes(),
+                "records": self.capture.stored(),
                 "dropped": self.capture.dropped(),
             },
         })

@@ -2,7 +2,8 @@
 //! turned on for the device with `edgefleet capture enable` (its assignment re-signed at once),
 //! inference with known inputs at a sample rate of one half, ground truth fed back, the batches
 //! announced, uploaded and stored, and the CSV `edgefleet capture download` writes holding exactly
-//! the sampled requests, each with its outputs and its ground truth; then capture turned off.
+//! the sampled requests, each with its outputs and its ground truth; then capture turned off. On
+//! SQLite and on PostgreSQL.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use edgefleet_client::{GroundTruth, Tensor};
 use edgefleet_tests::agent::wait_until;
 use edgefleet_tests::controller::{ControllerProcess, ControllerSpec};
+use edgefleet_tests::postgres::require_postgres;
 use edgefleet_tests::run_ok;
 use serde_json::{Value, json};
 
@@ -23,9 +25,33 @@ fn reading(i: usize) -> Vec<f32> {
 }
 
 #[test]
-fn captured_requests_download_as_exactly_the_sampled_rows() {
+fn captured_requests_download_as_exactly_the_sampled_rows_on_sqlite() {
+    run(None);
+}
+
+#[test]
+fn captured_requests_download_as_exactly_the_sampled_rows_on_postgresql() {
+    let Some(pg) =
+        require_postgres("captured_requests_download_as_exactly_the_sampled_rows_on_postgresql")
+    else {
+        return;
+    };
+    run(Some(pg.url()));
+    let stored = pg
+        .psql(&format!(
+            "SELECT count(*) FROM captures WHERE device = '{DEVICE}' AND uploaded_at IS NOT NULL"
+        ))
+        .unwrap();
+    assert_ne!(stored.trim(), "0");
+}
+
+fn run(database: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
-    let controller = ControllerProcess::start(&dir.path().join("data"), &ControllerSpec::default());
+    let spec = ControllerSpec {
+        database,
+        external: None,
+    };
+    let controller = ControllerProcess::start(&dir.path().join("data"), &spec);
     let digest = controller.register_demo_model();
     let mut agent = controller.enroll_agent(DEVICE, &dir.path().join("agent"));
     agent.wait_ready();
@@ -81,23 +107,26 @@ fn captured_requests_download_as_exactly_the_sampled_rows() {
         sampled.len()
     );
 
-    // Every sampled request arrives: announced, answered with a URL, uploaded, stored.
+    // Every sampled request arrives: announced, answered with a URL, uploaded, stored, then
+    // deleted on the device. A sample's ground truth may land in a later batch than the sample,
+    // so wait for every record (each sampled request and its feedback) to be through.
     let started = std::time::Instant::now();
-    let uploaded = wait_until(WAIT, "the captured batches to be uploaded", || {
-        let (status, body) = controller.get(&format!("/api/v1/captures?device={DEVICE}"));
-        assert_eq!(status, 200, "{body}");
-        let samples = body["uploaded_samples"].as_u64().unwrap();
+    wait_until(WAIT, "the device to upload every captured record", || {
+        let capture = agent.status()["capture"].clone();
         assert!(
             started.elapsed() < WAIT - Duration::from_secs(5),
-            "{} of {} samples uploaded: {body}\nagent: {}\ncontroller log:\n{}\nagent log:\n{}",
-            samples,
+            "{} sampled; the agent's capture: {capture}\ncontroller log:\n{}\nagent log:\n{}",
             sampled.len(),
-            agent.status()["capture"],
             controller.log_text(),
             agent.log_text()
         );
-        (samples >= sampled.len() as u64).then_some(body)
+        (capture["records"] == 2 * sampled.len() as u64
+            && capture["bytes"] == 0
+            && capture["batches_pending"] == 0)
+            .then_some(())
     });
+    let (status, uploaded) = controller.get(&format!("/api/v1/captures?device={DEVICE}"));
+    assert_eq!(status, 200, "{uploaded}");
     assert_eq!(
         uploaded["uploaded_samples"],
         sampled.len() as u64,
@@ -107,9 +136,6 @@ fn captured_requests_download_as_exactly_the_sampled_rows() {
         assert_eq!(batch["model_digest"], digest.as_str());
         assert!(batch["uploaded_at"].is_i64(), "{batch}");
     }
-    wait_until(WAIT, "the device to delete the uploaded batches", || {
-        (agent.status()["capture"]["batches_pending"] == 0).then_some(())
-    });
     let listed = run_ok(
         controller
             .cli()

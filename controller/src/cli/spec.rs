@@ -273,6 +273,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn prediction_flags_name_the_kind_and_refuse_a_threshold_for_a_regression() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Flags {
+            #[command(flatten)]
+            runtime: RuntimeArgs,
+        }
+        let kind = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .unwrap()
+                .runtime
+                .prediction_kind()
+        };
+        assert_eq!(kind(&[]).unwrap(), None, "the manifest default applies");
+        assert_eq!(
+            kind(&["--threshold", "0.8"]).unwrap(),
+            Some(PredictionKind::Classification { threshold: 0.8 })
+        );
+        assert_eq!(
+            kind(&["--prediction", "classification"]).unwrap(),
+            Some(PredictionKind::Classification { threshold: 0.5 })
+        );
+        assert_eq!(
+            kind(&["--prediction", "regression"]).unwrap(),
+            Some(PredictionKind::Regression)
+        );
+        let err = kind(&["--prediction", "regression", "--threshold", "0.5"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--threshold applies to a classification")
+        );
+    }
+
+    #[test]
     fn tensor_specs_parse_and_explain_errors() {
         let spec = tensor_spec("state:f32:2x1x128").unwrap();
         assert_eq!(spec.shape, vec![Some(2), Some(1), Some(128)]);
