@@ -677,6 +677,15 @@ pub async fn issue_assignment(
         json!({"active": summary["active"], "shadow": summary["shadow"], "rollback": rollback}),
     );
     let signed = store_assignment(app, template, None, audit).await?;
+    publish_assignment(app, device, signed).await
+}
+
+/// Publishes `device`'s newly stored assignment (retained) and returns its stored summary.
+pub(crate) async fn publish_assignment(
+    app: &App,
+    device: &DeviceId,
+    signed: Vec<u8>,
+) -> ApiResult<Value> {
     app.publisher
         .assignment(device, signed)
         .await

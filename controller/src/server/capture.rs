@@ -200,16 +200,7 @@ async fn reissue(
     );
     let template = Assignment { capture, ..current };
     let signed = super::api::store_assignment(app, template, None, audit).await?;
-    app.publisher
-        .assignment(device, signed)
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(app
-        .store
-        .get_device(device.as_str())
-        .await?
-        .assignment
-        .unwrap_or(Value::Null))
+    super::api::publish_assignment(app, device, signed).await
 }
 
 async fn show(
