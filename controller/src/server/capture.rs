@@ -291,62 +291,66 @@ impl NoticeAnswers {
         Self { store, device_url }
     }
 
-    /// The answer for `notice` from `device`: an upload URL, or a refusal.
+    /// The answer for `notice` from `device`: an upload URL, or a refusal (the device then
+    /// deletes the batch). `None` when the controller cannot decide now (its store failed): the
+    /// device announces the batch again later.
     pub async fn answer(
         &self,
         now: i64,
         device: &DeviceId,
         notice: &CaptureNotice,
-    ) -> ControllerBody {
+    ) -> Option<ControllerBody> {
         let url = match self.accept(now, device, notice).await {
             Ok(()) => Some(format!(
                 "{}/api/v1/captures/{}",
                 self.device_url, notice.batch
             )),
-            Err(reason) => {
+            Err(Some(reason)) => {
                 tracing::info!(%device, batch = notice.batch, %reason, "refused a capture batch");
                 None
             }
+            Err(None) => return None,
         };
-        ControllerBody::CaptureUpload {
+        Some(ControllerBody::CaptureUpload {
             batch: notice.batch,
             url,
-        }
+        })
     }
 
+    /// `Err(Some(reason))` refuses the batch; `Err(None)` is a store failure (logged).
     async fn accept(
         &self,
         now: i64,
         device: &DeviceId,
         notice: &CaptureNotice,
-    ) -> Result<(), String> {
+    ) -> Result<(), Option<String>> {
         let internal = |e: StoreError| {
-            tracing::error!(%e, "cannot answer a capture notice");
-            String::from("the controller could not record the batch")
+            tracing::error!(%e, "cannot answer a capture notice; the device announces it again");
+            None
         };
         if device_settings(&self.store, device.as_str())
             .await
             .map_err(internal)?
             .is_none()
         {
-            return Err(String::from("capture is off for this device"));
+            return Err(Some(String::from("capture is off for this device")));
         }
         if notice.bytes > MAX_CAPTURE_BATCH_BYTES {
-            return Err(format!(
+            return Err(Some(format!(
                 "{} bytes exceed the batch limit {MAX_CAPTURE_BATCH_BYTES}",
                 notice.bytes
-            ));
+            )));
         }
         let digest = notice.model.manifest_digest.to_hex();
         match self.store.get_model(&digest).await {
             Ok(_) => {}
             Err(StoreError::NotFound(_)) => {
-                return Err(format!("model {digest} is not registered"));
+                return Err(Some(format!("model {digest} is not registered")));
             }
             Err(e) => return Err(internal(e)),
         }
-        let batch =
-            i64::try_from(notice.batch).map_err(|_| String::from("batch number too large"))?;
+        let batch = i64::try_from(notice.batch)
+            .map_err(|_| Some(String::from("batch number too large")))?;
         let row = CaptureRow {
             device: device.to_string(),
             batch,
@@ -366,10 +370,10 @@ impl NoticeAnswers {
             .await
             .map_err(internal)?;
         if (stored.sha256.as_str(), stored.bytes) != (row.sha256.as_str(), row.bytes) {
-            return Err(format!(
+            return Err(Some(format!(
                 "batch {} was announced before with other contents",
                 notice.batch
-            ));
+            )));
         }
         Ok(())
     }
@@ -377,19 +381,16 @@ impl NoticeAnswers {
 
 // ---- uploads (device endpoint) ----
 
-fn refusal(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(status, code, message)
-}
-
 /// `PUT /api/v1/captures/{batch}` from an enrolled device (its client certificate names it).
 pub async fn receive_upload(app: &App, device: &str, batch: &str, body: Body) -> Response {
     let Ok(batch) = batch.parse::<i64>() else {
-        return refusal(StatusCode::BAD_REQUEST, "bad_batch", "not a batch number").into_response();
+        return ApiError::new(StatusCode::BAD_REQUEST, "bad_batch", "not a batch number")
+            .into_response();
     };
     let row = match app.store.capture(device, batch).await {
         Ok(Some(row)) => row,
         Ok(None) => {
-            return refusal(
+            return ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_announced",
                 format!(
@@ -400,7 +401,7 @@ pub async fn receive_upload(app: &App, device: &str, batch: &str, body: Body) ->
         }
         Err(err) => {
             tracing::error!(%err, "cannot look up a capture batch");
-            return refusal(StatusCode::SERVICE_UNAVAILABLE, "internal", "retry later")
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "internal", "retry later")
                 .into_response();
         }
     };
@@ -419,7 +420,7 @@ pub async fn receive_upload(app: &App, device: &str, batch: &str, body: Body) ->
                 .await;
             if let Err(err) = stored {
                 tracing::error!(%err, "cannot record a capture upload");
-                return refusal(StatusCode::SERVICE_UNAVAILABLE, "internal", "retry later")
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "internal", "retry later")
                     .into_response();
             }
             tracing::info!(device, batch, samples = row.samples, "capture batch stored");
@@ -441,7 +442,7 @@ fn captures_dir(app: &App, device: &str) -> PathBuf {
 async fn store_upload(app: &App, row: &CaptureRow, body: Body) -> Result<PathBuf, ApiError> {
     let io = |err: std::io::Error| {
         tracing::error!(%err, "cannot store a capture upload");
-        refusal(
+        ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "io",
             "the controller cannot store the batch",
@@ -459,14 +460,14 @@ async fn store_upload(app: &App, row: &CaptureRow, body: Body) -> Result<PathBuf
     let result = async {
         while let Some(chunk) = stream.next().await {
             let chunk: Bytes = chunk.map_err(|e| {
-                refusal(
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "broken_upload",
                     format!("the upload broke off: {e}"),
                 )
             })?;
             if (received.len() + chunk.len()) as u64 > expected {
-                return Err(refusal(
+                return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "size_mismatch",
                     format!("the batch was announced with {expected} bytes; the upload is longer"),
@@ -477,7 +478,7 @@ async fn store_upload(app: &App, row: &CaptureRow, body: Body) -> Result<PathBuf
             file.write_all(&chunk).await.map_err(io)?;
         }
         if received.len() as u64 != expected {
-            return Err(refusal(
+            return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "size_mismatch",
                 format!(
@@ -487,14 +488,14 @@ async fn store_upload(app: &App, row: &CaptureRow, body: Body) -> Result<PathBuf
             ));
         }
         if hex::encode(hasher.finalize()) != row.sha256 {
-            return Err(refusal(
+            return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "sha256_mismatch",
                 "the upload's SHA-256 differs from the announced one",
             ));
         }
         let batch = CaptureBatch::decode(&received).map_err(|e| {
-            refusal(
+            ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "bad_batch",
                 format!("not a capture batch: {e}"),
@@ -504,7 +505,7 @@ async fn store_upload(app: &App, row: &CaptureRow, body: Body) -> Result<PathBuf
             || batch.batch as i64 != row.batch
             || batch.model.manifest_digest.to_hex() != row.model_digest
         {
-            return Err(refusal(
+            return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "bad_batch",
                 "the batch names another device, number or model than its notice",

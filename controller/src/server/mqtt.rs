@@ -436,7 +436,9 @@ pub fn start(
                 let DeviceBody::Capture(notice) = &item.message.body else {
                     continue;
                 };
-                let answer = captures.answer(now, &item.device, notice).await;
+                let Some(answer) = captures.answer(now, &item.device, notice).await else {
+                    continue;
+                };
                 let message = ControllerMessage::new(item.device.clone(), clock.now(), answer)
                     .seal(&item.key);
                 let topic = Topic::new(item.device.clone(), TopicKind::Ack).to_string();
