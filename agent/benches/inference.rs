@@ -64,6 +64,7 @@ fn manifest(model: &Path) -> Manifest {
         runtime: spec.runtime,
         inputs: spec.inputs,
         outputs: spec.outputs,
+        prediction: None,
         features: Vec::new(),
         golden: spec.golden,
         reference: None,

@@ -4,6 +4,9 @@
 //!   as JSON or CBOR (by `content-type`; the answer uses the same encoding). Every answer names the
 //!   model (name, version, release, manifest digest) in its body and in `x-edgefleet-model*`
 //!   headers.
+//! - `POST /v1/feedback`: `{"id": <prediction id>, "label": <class>}` or `{"id", "value"}`, the
+//!   ground truth for a recent prediction, scored into the telemetry window ([`crate::feedback`]);
+//!   404 unknown or expired id, 409 feedback already given, 422 a truth that does not fit.
 //! - `GET /v1/model`: the active model and its input/output schema.
 //! - `GET /v1/stats`: request and shadow counters of this worker.
 //! - `GET /healthz`.
@@ -11,9 +14,8 @@
 //! Errors are `{"error": {"code", "message"}}`: 400 unreadable body, 413 too large, 415 other
 //! media types, 422 inputs that do not fit the schema, 500 the model failed, 503 no model active.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::Router;
@@ -23,13 +25,22 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use edgefleet_client::api::{
-    ErrorBody, ErrorDetail, InferRequest, InferResponse, ModelInfo, ModelSummary, Tensor,
-    TensorSchema,
+    ErrorBody, ErrorDetail, FeedbackRequest, FeedbackResponse, InferRequest, InferResponse,
+    ModelInfo, ModelSummary, Tensor, TensorSchema,
 };
-use edgefleet_protocol::manifest::{DType, Manifest, NamedTensor, TensorData, TensorSpec};
+use edgefleet_protocol::capture::{
+    CaptureRecord, CaptureSettings, CapturedFeedback, CapturedSample, Truth,
+};
+use edgefleet_protocol::manifest::{
+    DType, Manifest, NamedTensor, PredictionSpec, TensorData, TensorSpec,
+};
+use edgefleet_protocol::messages::ModelRef;
+use edgefleet_protocol::{Clock, SystemClock};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use crate::control::WorkerStats;
+use crate::control::{WorkerEvent, WorkerStats};
+use crate::feedback::{FeedbackError, Prediction, PredictionLog};
 use crate::runtime::{LoadedModel, RuntimeError, max_abs_diff};
 use crate::telemetry::WindowAcc;
 
@@ -39,6 +50,10 @@ pub struct Served {
     pub model: LoadedModel,
     pub manifest: Manifest,
     pub summary: ModelSummary,
+    /// The model as reports and capture batches name it.
+    pub model_ref: ModelRef,
+    /// How ground truth is scored ([`Manifest::prediction_spec`]).
+    pub prediction: Option<PredictionSpec>,
     /// Concurrent inferences allowed (the manifest's `runtime.threads`).
     pub permits: tokio::sync::Semaphore,
 }
@@ -46,6 +61,8 @@ pub struct Served {
 /// A request copied to the shadow model.
 #[derive(Debug)]
 pub struct ShadowJob {
+    /// The active model's prediction id for this request.
+    pub id: u64,
     pub inputs: Vec<NamedTensor>,
     pub primary: Vec<NamedTensor>,
 }
@@ -57,13 +74,44 @@ pub struct ApiState {
     pub stats: Arc<Mutex<WorkerStats>>,
     /// The current telemetry window of the active model.
     pub window: Option<Arc<Mutex<WindowAcc>>>,
-    pub next_id: AtomicU64,
+    /// Recent predictions, for feedback (shared with the shadow thread).
+    pub predictions: Arc<Mutex<PredictionLog>>,
+    /// Data capture in force (`None`: off).
+    pub capture: RwLock<Option<CaptureSettings>>,
+    /// Where captured records go (the worker's event stream to the supervisor).
+    pub emit: fn(&WorkerEvent),
     pub max_body_bytes: usize,
+}
+
+impl ApiState {
+    fn capture(&self) -> Option<CaptureSettings> {
+        self.capture
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sends a captured record of `served` to the supervisor.
+    fn captured(&self, served: &Served, record: &CaptureRecord) {
+        let cbor = hex::encode(edgefleet_protocol::codec::encode(&(
+            &served.model_ref,
+            record,
+        )));
+        let event = WorkerEvent::Captured { cbor };
+        tokio::task::block_in_place(|| (self.emit)(&event));
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/v1/infer", post(infer))
+        .route("/v1/feedback", post(feedback))
         .route("/v1/model", get(model_info))
         .route("/v1/stats", get(stats))
         .route("/healthz", get(health))
@@ -204,7 +252,28 @@ fn window(state: &ApiState, f: impl FnOnce(&mut WindowAcc)) {
     }
 }
 
-async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Response {
+/// An error answer not yet encoded.
+#[derive(Debug)]
+struct Refusal {
+    encoding: Encoding,
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn into_response(self) -> Response {
+        error(self.encoding, self.status, self.code, self.message)
+    }
+}
+
+/// The body (within `api.max_body_bytes`) and its encoding (by `content-type`); else the 415
+/// or 413 answer.
+async fn read_body(
+    state: &ApiState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Encoding, Bytes), Refusal> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -214,48 +283,56 @@ async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bod
     } else if content_type.starts_with("application/json") {
         Encoding::Json
     } else {
-        return error(
-            Encoding::Json,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!("content-type {content_type:?} is not application/json or application/cbor"),
-        );
+        return Err(Refusal {
+            encoding: Encoding::Json,
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "unsupported_media_type",
+            message: format!(
+                "content-type {content_type:?} is not application/json or application/cbor"
+            ),
+        });
     };
-    let bytes: Bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
-        Ok(bytes) => bytes,
-        Err(_) => {
-            return error(
-                encoding,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "request body exceeds {} bytes (api.max_body_bytes)",
-                    state.max_body_bytes
-                ),
-            );
+    match axum::body::to_bytes(body, state.max_body_bytes).await {
+        Ok(bytes) => Ok((encoding, bytes)),
+        Err(_) => Err(Refusal {
+            encoding,
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "too_large",
+            message: format!(
+                "request body exceeds {} bytes (api.max_body_bytes)",
+                state.max_body_bytes
+            ),
+        }),
+    }
+}
+
+/// Decodes a JSON or CBOR body; the error says what is wrong with it.
+fn parse<T: DeserializeOwned>(
+    encoding: Encoding,
+    bytes: &[u8],
+    max_bytes: usize,
+    what: &'static str,
+) -> Result<T, String> {
+    match encoding {
+        Encoding::Json => serde_json::from_slice(bytes)
+            .map_err(|err| format!("body is not a valid {what}: {err}")),
+        Encoding::Cbor => {
+            edgefleet_protocol::codec::decode(what, bytes, max_bytes).map_err(|err| err.to_string())
         }
+    }
+}
+
+async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Response {
+    let (encoding, bytes) = match read_body(&state, &headers, body).await {
+        Ok(read) => read,
+        Err(refusal) => return refusal.into_response(),
     };
     record(&state.stats, |s| s.requests += 1);
-    let request: InferRequest = match encoding {
-        Encoding::Json => match serde_json::from_slice(&bytes) {
+    let request: InferRequest =
+        match parse(encoding, &bytes, state.max_body_bytes, "inference request") {
             Ok(request) => request,
-            Err(err) => {
-                return bad_request(
-                    &state,
-                    encoding,
-                    format!("body is not a valid inference request: {err}"),
-                );
-            }
-        },
-        Encoding::Cbor => match edgefleet_protocol::codec::decode(
-            "inference request",
-            &bytes,
-            state.max_body_bytes,
-        ) {
-            Ok(request) => request,
-            Err(err) => return bad_request(&state, encoding, err.to_string()),
-        },
-    };
+            Err(message) => return bad_request(&state, encoding, message),
+        };
     let Some(served) = state.active.clone() else {
         record(&state.stats, |s| s.unavailable += 1);
         window(&state, |w| w.data.errors.unavailable += 1);
@@ -299,6 +376,10 @@ async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bod
         }
     }
     let shadow_inputs = state.shadow.as_ref().map(|_| inputs.clone());
+    let capture = state
+        .capture()
+        .filter(|settings| settings.selects(fastrand::f64()));
+    let captured_inputs = capture.as_ref().map(|_| inputs.clone());
     // Features are counted only for inputs that pass the schema check (below).
     let mut features = Vec::new();
     window(&state, |w| features = w.feature_values(&inputs));
@@ -342,8 +423,27 @@ async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bod
         w.data.latency.record(latency_us);
         w.observe_outputs(&outputs);
     });
+    let prediction = match &served.prediction {
+        Some(spec) => Prediction::read(spec, &outputs),
+        None => Prediction::Unscorable(String::from("the model has no outputs")),
+    };
+    let id = lock(&state.predictions).record(Instant::now(), prediction, capture.is_some());
+    if let (Some(settings), Some(inputs)) = (&capture, captured_inputs) {
+        let sample = CapturedSample {
+            prediction: id,
+            at: SystemClock.now(),
+            inputs,
+            outputs: if settings.outputs {
+                outputs.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        state.captured(&served, &CaptureRecord::Sample(sample));
+    }
     if let (Some((_, sender)), Some(inputs)) = (&state.shadow, shadow_inputs)
         && let Err(TrySendError::Full(_)) = sender.try_send(ShadowJob {
+            id,
             inputs,
             primary: outputs.clone(),
         })
@@ -352,7 +452,8 @@ async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bod
     }
     let wanted = request.outputs;
     let response = InferResponse {
-        id: state.next_id.fetch_add(1, Ordering::Relaxed),
+        id,
+        captured: capture.is_some(),
         model: served.summary.clone(),
         latency_us,
         outputs: outputs
@@ -364,6 +465,95 @@ async fn infer(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bod
             })
             .map(|o| (o.name.to_string(), from_named(o)))
             .collect(),
+    };
+    let mut response = encoded(encoding, StatusCode::OK, &response);
+    summary_headers(&mut response, &served.summary);
+    response
+}
+
+async fn feedback(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Response {
+    let (encoding, bytes) = match read_body(&state, &headers, body).await {
+        Ok(read) => read,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let request: FeedbackRequest =
+        match parse(encoding, &bytes, state.max_body_bytes, "feedback request") {
+            Ok(request) => request,
+            Err(message) => {
+                return error(encoding, StatusCode::BAD_REQUEST, "bad_request", message);
+            }
+        };
+    let truth = match (request.label, request.value) {
+        (Some(label), None) => match u32::try_from(label) {
+            Ok(label) => Truth::Label(label),
+            Err(_) => {
+                return error(
+                    encoding,
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unfit_feedback",
+                    format!("label {label} is not a class index (0, 1, 2, …)"),
+                );
+            }
+        },
+        (None, Some(value)) => Truth::Value(value),
+        _ => {
+            return error(
+                encoding,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "give exactly one of `label` (the true class, for classification) and `value` (the true value, for regression)",
+            );
+        }
+    };
+    let Some(served) = state.active.clone() else {
+        return error(
+            encoding,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_model",
+            "no model is active on this device, so it has no predictions to give feedback on",
+        );
+    };
+    let joined = lock(&state.predictions).feedback(Instant::now(), request.id, truth);
+    let joined = match joined {
+        Ok(joined) => joined,
+        Err(err) => {
+            let (status, code) = match err {
+                FeedbackError::Unknown { .. } => (StatusCode::NOT_FOUND, "unknown_prediction"),
+                FeedbackError::Expired { .. } => (StatusCode::NOT_FOUND, "expired_prediction"),
+                FeedbackError::Twice { .. } => (StatusCode::CONFLICT, "feedback_given"),
+                FeedbackError::Unfit(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unfit_feedback"),
+            };
+            let mut response = error(encoding, status, code, err.to_string());
+            summary_headers(&mut response, &served.summary);
+            return response;
+        }
+    };
+    window(&state, |w| {
+        joined.outcome.count(&mut w.data.feedback);
+        if let Some(shadow) = &joined.shadow {
+            shadow.count(&mut w.data.shadow_feedback);
+        }
+    });
+    if joined.captured && state.capture().is_some_and(|c| c.feedback) {
+        let record = CaptureRecord::Feedback(CapturedFeedback {
+            prediction: request.id,
+            at: SystemClock.now(),
+            truth,
+        });
+        state.captured(&served, &record);
+    }
+    let (predicted_class, predicted_value) = match joined.prediction {
+        Prediction::Class { class, .. } => (Some(class), None),
+        Prediction::Value(value) => (None, Some(value)),
+        Prediction::Unscorable(_) => (None, None),
+    };
+    let response = FeedbackResponse {
+        id: request.id,
+        model: served.summary.clone(),
+        predicted_class,
+        predicted_value,
+        correct: joined.outcome.correct,
+        error: joined.outcome.error,
     };
     let mut response = encoded(encoding, StatusCode::OK, &response);
     summary_headers(&mut response, &served.summary);
@@ -439,11 +629,15 @@ pub fn shadow_loop(
     model: Arc<Served>,
     jobs: std::sync::mpsc::Receiver<ShadowJob>,
     stats: Arc<Mutex<WorkerStats>>,
+    predictions: Arc<Mutex<PredictionLog>>,
 ) {
     while let Ok(job) = jobs.recv() {
         let started = Instant::now();
         let result = model.model.run(job.inputs);
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if let (Ok(outputs), Some(spec)) = (&result, &model.prediction) {
+            lock(&predictions).record_shadow(job.id, Prediction::read(spec, outputs));
+        }
         let mut stats = stats
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);

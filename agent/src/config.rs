@@ -86,6 +86,15 @@ pub struct ConfigArgs {
     /// Bandwidth cap for bundle downloads, in bytes per second (0: no cap).
     #[arg(long, env = "EDGEFLEET_DOWNLOAD_MAX_BYTES_PER_S", global = true)]
     pub download_max_bytes_per_s: Option<String>,
+    /// Recent predictions kept for ground-truth feedback.
+    #[arg(long, env = "EDGEFLEET_FEEDBACK_MAX_PREDICTIONS", global = true)]
+    pub feedback_max_predictions: Option<String>,
+    /// Seconds a prediction can get feedback.
+    #[arg(long, env = "EDGEFLEET_FEEDBACK_MAX_AGE_S", global = true)]
+    pub feedback_max_age_s: Option<String>,
+    /// Largest size of captured data waiting for upload, in bytes.
+    #[arg(long, env = "EDGEFLEET_CAPTURE_MAX_BYTES", global = true)]
+    pub capture_max_bytes: Option<String>,
     /// The controller to enroll with on first start, `https://host:port`.
     #[arg(long, env = "EDGEFLEET_ENROLL_URL", global = true)]
     pub enroll_url: Option<String>,
@@ -146,6 +155,9 @@ pub struct AgentConfig {
     pub spool_max_age_s: u64,
     /// Bandwidth cap for bundle downloads in bytes per second; 0 means no cap.
     pub download_max_bytes_per_s: u64,
+    pub feedback_max_predictions: usize,
+    pub feedback_max_age_s: u64,
+    pub capture_max_bytes: u64,
     pub link: Option<LinkConfig>,
 }
 
@@ -180,6 +192,9 @@ const KEYS: &[(&str, &str)] = &[
     ("mqtt.mac_key", "mqtt-mac-key"),
     ("mqtt.keep_alive_s", "mqtt-keep-alive-s"),
     ("download.max_bytes_per_s", "download-max-bytes-per-s"),
+    ("feedback.max_predictions", "feedback-max-predictions"),
+    ("feedback.max_age_s", "feedback-max-age-s"),
+    ("capture.max_bytes", "capture-max-bytes"),
     ("enroll.url", "enroll-url"),
     ("enroll.token", "enroll-token"),
 ];
@@ -365,6 +380,18 @@ impl AgentConfig {
             &args.download_max_bytes_per_s,
             Some("0"),
         );
+        let feedback_max_predictions = r.get::<usize>(
+            "feedback.max_predictions",
+            &args.feedback_max_predictions,
+            Some("16384"),
+        );
+        let feedback_max_age_s =
+            r.get::<u64>("feedback.max_age_s", &args.feedback_max_age_s, Some("3600"));
+        let capture_max_bytes = r.get::<u64>(
+            "capture.max_bytes",
+            &args.capture_max_bytes,
+            Some("67108864"),
+        );
         let mqtt_url = r.get::<String>("mqtt.url", &args.mqtt_url, Some(""));
         let link = match mqtt_url.as_deref() {
             None | Some("") => None,
@@ -455,6 +482,8 @@ impl AgentConfig {
             ("telemetry.window_s", telemetry_window_s, 1),
             ("spool.max_bytes", spool_max_bytes, 65_536),
             ("spool.max_age_s", spool_max_age_s, 60),
+            ("feedback.max_age_s", feedback_max_age_s, 1),
+            ("capture.max_bytes", capture_max_bytes, 1_048_576),
         ] {
             if let Some(value) = value
                 && value < min
@@ -492,6 +521,9 @@ impl AgentConfig {
             Some(spool_max_bytes),
             Some(spool_max_age_s),
             Some(download_max_bytes_per_s),
+            Some(feedback_max_predictions),
+            Some(feedback_max_age_s),
+            Some(capture_max_bytes),
         ) = (
             device_id,
             state_dir,
@@ -509,6 +541,9 @@ impl AgentConfig {
             spool_max_bytes,
             spool_max_age_s,
             download_max_bytes_per_s,
+            feedback_max_predictions,
+            feedback_max_age_s,
+            capture_max_bytes,
         )
         else {
             return Err(ConfigErrors(vec![String::from("incomplete configuration")]));
@@ -531,6 +566,9 @@ impl AgentConfig {
             spool_max_bytes,
             spool_max_age_s,
             download_max_bytes_per_s,
+            feedback_max_predictions,
+            feedback_max_age_s,
+            capture_max_bytes,
             link,
         })
     }
@@ -553,6 +591,10 @@ impl AgentConfig {
 
     pub fn events_path(&self) -> PathBuf {
         self.state_dir.join("events.log")
+    }
+
+    pub fn capture_dir(&self) -> PathBuf {
+        self.state_dir.join("capture")
     }
 
     /// The effective configuration as TOML.
@@ -598,6 +640,12 @@ impl AgentConfig {
             "\n[download]\nmax_bytes_per_s = {}",
             self.download_max_bytes_per_s
         );
+        let _ = writeln!(
+            out,
+            "\n[feedback]\nmax_predictions = {}\nmax_age_s = {}",
+            self.feedback_max_predictions, self.feedback_max_age_s
+        );
+        let _ = writeln!(out, "\n[capture]\nmax_bytes = {}", self.capture_max_bytes);
         if let Some(link) = &self.link {
             let _ = writeln!(
                 out,

@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use edgefleet_protocol::messages::{ErrorCounts, FailureCode, NamedSketch};
+use edgefleet_protocol::capture::CaptureSettings;
+use edgefleet_protocol::messages::{ErrorCounts, FailureCode, FeedbackStats, NamedSketch};
 use edgefleet_protocol::sketch::LatencyHistogram;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,11 @@ pub struct WorkerSpec {
     pub memory_limit_bytes: u64,
     pub max_body_bytes: usize,
     pub shadow_queue: usize,
+    /// Predictions kept for feedback, and for how long.
+    pub feedback_max_predictions: usize,
+    pub feedback_max_age_s: u64,
+    /// Data capture in force when the worker starts.
+    pub capture: Option<CaptureSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +44,8 @@ pub enum WorkerCommand {
     Drain,
     /// Send the telemetry accumulated since the last `take_window` and start a new window.
     TakeWindow,
+    /// Capture with these settings from now on (`None`: stop capturing).
+    Capture(Option<CaptureSettings>),
 }
 
 /// What loading a model showed.
@@ -64,7 +72,10 @@ pub enum WorkerEvent {
     /// Cumulative counters since the worker started.
     Stats(WorkerStats),
     /// The telemetry window asked for with `take_window`.
-    Window(WindowData),
+    Window(Box<WindowData>),
+    /// A captured record of the active model: hex of the CBOR of `(ModelRef, CaptureRecord)`
+    /// (CBOR keeps NaNs and byte strings, which JSON would not).
+    Captured { cbor: String },
 }
 
 /// What the worker saw since the previous window: counts, latency, and sketches of the
@@ -77,6 +88,10 @@ pub struct WindowData {
     pub features: Vec<NamedSketch>,
     pub outputs: Vec<NamedSketch>,
     pub shadow: ShadowCounters,
+    /// Ground truth fed back over the window, scored against the active model's predictions…
+    pub feedback: FeedbackStats,
+    /// …and against the shadow model's.
+    pub shadow_feedback: FeedbackStats,
 }
 
 /// Cumulative request counters of one worker.

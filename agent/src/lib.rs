@@ -2,12 +2,14 @@
 //! worker process, a local inference API, self-test and local rollback, shadow models.
 
 pub mod api;
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod download;
 pub mod enroll;
 pub mod events;
 pub mod failpoint;
+pub mod feedback;
 pub mod mqtt;
 pub use edgefleet_runtime as runtime;
 pub mod spool;

@@ -15,10 +15,12 @@ use anyhow::{Context, Result};
 use edgefleet_protocol::TopicKind;
 use edgefleet_protocol::assignment::DeviceTrust;
 use edgefleet_protocol::bundle::split_header;
+use edgefleet_protocol::capture::{CaptureRecord, CaptureSettings};
 use edgefleet_protocol::codec::MAX_MANIFEST_BYTES;
 use edgefleet_protocol::manifest::{Manifest, ManifestPolicy};
 use edgefleet_protocol::messages::{
-    DeviceBody, DeviceEvent, EventKind, FailureCode, ResourceUsage, ShadowStats, TelemetryWindow,
+    ControllerBody, DeviceBody, DeviceEvent, EventKind, FailureCode, ModelRef, ResourceUsage,
+    ShadowStats, TelemetryWindow,
 };
 use edgefleet_protocol::{Clock, Timestamp, codec};
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,7 @@ use tokio::net::UnixListener;
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::capture::{Appended, CaptureStore, Offer, UploadError, Uploader};
 use crate::config::AgentConfig;
 use crate::control::{ModelSpec, WorkerCommand, WorkerEvent, WorkerSpec, WorkerStats};
 use crate::events::{Journal, event_json};
@@ -42,6 +45,10 @@ const MAX_CRASHES: usize = 3;
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
 /// How long a draining worker may take to finish in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Captured records waiting for the supervisor; past this the worker's newest are dropped.
+const CAPTURE_QUEUE: usize = 4096;
+/// A capture batch announced this long ago and still not uploaded is announced again.
+const CAPTURE_RENOTICE: Duration = Duration::from_secs(300);
 
 /// Whether a worker's live error rate breaks the manifest's limit, once enough requests count.
 pub fn error_rate_breach(stats: &WorkerStats, max_error_rate: f32) -> Option<String> {
@@ -167,6 +174,11 @@ struct Supervisor {
     /// The download carrying out the newest assignment, if any: (assignment seq, digest, task).
     download: Option<(u64, String, tokio::task::JoinHandle<()>)>,
     downloads_tx: mpsc::UnboundedSender<Downloaded>,
+    capture: CaptureStore,
+    /// Captured records from the workers: hex CBOR of (model, record).
+    capture_tx: mpsc::Sender<String>,
+    uploader: Option<Uploader>,
+    uploads_tx: mpsc::UnboundedSender<(u64, Result<(), UploadError>)>,
 }
 
 /// A finished (or failed) download for assignment `seq`.
@@ -219,11 +231,24 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
                 config.spool_dir().display()
             )
         })?;
+    let capture = CaptureStore::open(
+        &config.capture_dir(),
+        config.device_id.clone(),
+        config.capture_max_bytes,
+    )
+    .with_context(|| {
+        format!(
+            "cannot open the capture directory {}",
+            config.capture_dir().display()
+        )
+    })?;
     for removed in &repair.removed {
         tracing::info!(%removed, "removed leftover of an unfinished install");
     }
     let (worker_tx, worker_rx) = mpsc::unbounded_channel();
     let (downloads_tx, mut downloads_rx) = mpsc::unbounded_channel::<Downloaded>();
+    let (capture_tx, mut capture_rx) = mpsc::channel::<String>(CAPTURE_QUEUE);
+    let (uploads_tx, mut uploads_rx) = mpsc::unbounded_channel();
     // One crypto provider for every TLS client in the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut sup = Supervisor {
@@ -249,6 +274,10 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
         downloader: None,
         download: None,
         downloads_tx,
+        capture,
+        capture_tx,
+        uploader: None,
+        uploads_tx,
     };
     let mut link_rx = None;
     if let Some(link) = sup.config.link.clone() {
@@ -265,6 +294,7 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
         )?);
         // Bundle servers are trusted as the broker is: through the fleet CA only.
         let tls = crate::mqtt::tls_config(&link.mqtt)?;
+        sup.uploader = Some(Uploader::new(tls.clone())?);
         let mut downloader =
             crate::download::Downloader::new(&sup.config.state_dir.join("downloads"), Some(tls))?;
         downloader.bandwidth_bps = Some(sup.config.download_max_bytes_per_s).filter(|&bps| bps > 0);
@@ -322,6 +352,8 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
     sup.cpu_ticks = sup.usage().0;
     let mut resend_tick = tokio::time::interval(Duration::from_secs(30));
     resend_tick.tick().await;
+    let mut capture_tick = tokio::time::interval(Duration::from_secs(1));
+    capture_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let link_event = async {
             match link_rx.as_mut() {
@@ -338,6 +370,13 @@ pub async fn run(config: AgentConfig, clock: Arc<dyn Clock>) -> Result<()> {
                 sup.flush();
             }
             _ = window_tick.tick() => sup.close_window().await,
+            Some(cbor) = capture_rx.recv() => sup.on_captured(&cbor),
+            Some((batch, result)) = uploads_rx.recv() => {
+                if let Err(err) = sup.capture.uploaded(batch, result, Instant::now()) {
+                    tracing::error!(error = %err, batch, "cannot remove an uploaded capture batch");
+                }
+            }
+            _ = capture_tick.tick() => sup.capture_housekeeping(),
             Some((request, reply)) = admin_rx.recv() => {
                 let response = sup.admin(request).await;
                 let _ = reply.send(response);
@@ -515,14 +554,16 @@ impl Supervisor {
                             &self.config.device_id,
                             &payload,
                         ) {
-                            Ok(message) => {
-                                if let edgefleet_protocol::messages::ControllerBody::Ack { seqs } =
-                                    message.body
-                                    && let Err(err) = self.spool.ack(&seqs)
-                                {
-                                    tracing::error!(error = %err, "cannot remove acknowledged reports from the spool");
+                            Ok(message) => match message.body {
+                                ControllerBody::Ack { seqs } => {
+                                    if let Err(err) = self.spool.ack(&seqs) {
+                                        tracing::error!(error = %err, "cannot remove acknowledged reports from the spool");
+                                    }
                                 }
-                            }
+                                ControllerBody::CaptureUpload { batch, url } => {
+                                    self.on_capture_offer(batch, url);
+                                }
+                            },
                             Err(err) => {
                                 tracing::warn!(error = %err, %topic, "rejected a controller message")
                             }
@@ -572,7 +613,7 @@ impl Supervisor {
         let deadline = Instant::now() + Duration::from_secs(5);
         let data = loop {
             match self.next_msg(generation, deadline).await {
-                Some(WorkerMsg::Event(WorkerEvent::Window(data))) => break data,
+                Some(WorkerMsg::Event(WorkerEvent::Window(data))) => break *data,
                 Some(WorkerMsg::Event(_)) => continue,
                 Some(WorkerMsg::Exited(status)) => {
                     if let Err(err) = self
@@ -608,6 +649,7 @@ impl Supervisor {
                 argmax_agree: data.shadow.argmax_agree,
                 abs_diff_sum: data.shadow.abs_diff_sum,
                 latency: data.shadow.latency.clone(),
+                feedback: (data.shadow_feedback.count > 0).then_some(data.shadow_feedback),
             });
         let window = TelemetryWindow {
             model: active,
@@ -619,7 +661,7 @@ impl Supervisor {
             features: data.features,
             outputs: data.outputs,
             shadow,
-            feedback: None,
+            feedback: (data.feedback.count > 0).then_some(data.feedback),
             resources: ResourceUsage {
                 cpu_percent: cpu_percent as f32,
                 rss_bytes,
@@ -632,6 +674,103 @@ impl Supervisor {
             tracing::error!(error = %err, "cannot spool a telemetry window; it is lost");
         }
         self.flush();
+    }
+
+    /// Applies the capture settings of an accepted assignment and tells the worker.
+    async fn set_capture(&mut self, settings: Option<CaptureSettings>) {
+        if let Some(settings) = &settings
+            && let Err(reason) = settings.validate()
+        {
+            tracing::warn!(%reason, "ignoring the assignment's capture settings");
+            return;
+        }
+        match self.capture.set_settings(settings.clone()) {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(err) => {
+                tracing::error!(error = %err, "cannot store the capture settings; capture stays as it was");
+                return;
+            }
+        }
+        tracing::info!(on = settings.is_some(), "data capture settings changed");
+        if let Some(worker) = self.worker.as_mut() {
+            worker.send(&WorkerCommand::Capture(settings)).await;
+        }
+        self.capture_housekeeping();
+    }
+
+    /// A record a worker captured.
+    fn on_captured(&mut self, cbor: &str) {
+        let record = hex::decode(cbor)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                codec::decode::<(ModelRef, CaptureRecord)>(
+                    "captured record",
+                    &bytes,
+                    edgefleet_protocol::capture::MAX_CAPTURE_BATCH_BYTES as usize,
+                )
+                .map_err(|e| e.to_string())
+            });
+        let (model, record) = match record {
+            Ok(decoded) => decoded,
+            Err(err) => {
+                tracing::warn!(error = %err, "the worker sent an unreadable captured record");
+                return;
+            }
+        };
+        match self.capture.append(&model, &record, self.now()) {
+            Ok(Appended::Stored | Appended::Off | Appended::Dropped(_)) => {}
+            Err(err) => tracing::error!(error = %err, "cannot store a captured record"),
+        }
+        self.spool_capture_notices();
+    }
+
+    /// Closes capture batches past their age and announces what waits for upload.
+    fn capture_housekeeping(&mut self) {
+        if let Err(err) = self.capture.tick(self.now()) {
+            tracing::error!(error = %err, "cannot close a capture batch");
+        }
+        self.spool_capture_notices();
+    }
+
+    /// Spools the notices due; while disconnected they wait (rather than piling up).
+    fn spool_capture_notices(&mut self) {
+        if self.link.is_none() || !self.connected {
+            return;
+        }
+        let now = self.now();
+        let notices = self.capture.due_notices(Instant::now(), CAPTURE_RENOTICE);
+        if notices.is_empty() {
+            return;
+        }
+        for notice in notices {
+            if let Err(err) =
+                self.spool
+                    .append(TopicKind::Capture, DeviceBody::Capture(notice), now)
+            {
+                tracing::error!(error = %err, "cannot spool a capture notice; it is sent again later");
+            }
+        }
+        self.flush();
+    }
+
+    /// The controller's answer to a capture notice.
+    fn on_capture_offer(&mut self, batch: u64, url: Option<String>) {
+        let offer = match self.capture.offer(batch, url) {
+            Ok(offer) => offer,
+            Err(err) => {
+                tracing::error!(error = %err, batch, "cannot act on a capture upload offer");
+                return;
+            }
+        };
+        let (Offer::Upload { path, url }, Some(uploader)) = (offer, self.uploader.clone()) else {
+            return;
+        };
+        let done = self.uploads_tx.clone();
+        tokio::spawn(async move {
+            let result = uploader.upload(&path, &url).await;
+            let _ = done.send((batch, result));
+        });
     }
 
     fn model_spec(&self, slot: &Slot) -> ModelSpec {
@@ -664,6 +803,9 @@ impl Supervisor {
                 .saturating_mul(1024 * 1024),
             max_body_bytes: self.config.api_max_body_bytes,
             shadow_queue: self.config.shadow_queue,
+            feedback_max_predictions: self.config.feedback_max_predictions,
+            feedback_max_age_s: self.config.feedback_max_age_s,
+            capture: self.capture.settings().cloned(),
         };
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
         let mut child: Child = Command::new(exe)
@@ -685,6 +827,7 @@ impl Supervisor {
             .context("cannot hand the worker its spec")?;
         let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
         let tx = self.worker_tx.clone();
+        let capture_tx = self.capture_tx.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             let mut killed = false;
@@ -692,6 +835,12 @@ impl Supervisor {
                 tokio::select! {
                     line = lines.next_line() => match line {
                         Ok(Some(line)) => match serde_json::from_str::<WorkerEvent>(&line) {
+                            // Captured records bypass the control flow (and never wait for it).
+                            Ok(WorkerEvent::Captured { cbor }) => {
+                                if capture_tx.try_send(cbor).is_err() {
+                                    tracing::warn!("the capture queue is full; a captured record was dropped");
+                                }
+                            }
                             Ok(event) => { let _ = tx.send((generation, WorkerMsg::Event(event))); }
                             Err(err) => tracing::warn!(error = %err, %line, "unreadable worker message"),
                         },
@@ -969,6 +1118,7 @@ impl Supervisor {
             tracing::error!(error = %err, "cannot persist the assignment floors; ignoring the assignment");
             return;
         }
+        self.set_capture(assignment.capture.clone()).await;
         let Some(model) = assignment.active.clone() else {
             tracing::info!(seq = assignment.seq, "assignment names no model");
             return;
@@ -1106,6 +1256,14 @@ impl Supervisor {
             },
             "events": recent,
             "spool": {"pending": self.spool.len()},
+            "capture": {
+                "on": self.capture.settings().is_some(),
+                "settings": self.capture.settings(),
+                "batches_pending": self.capture.pending(),
+                "bytes": self.capture.bytes(),
+                "records": self.capture.stored(),
+                "dropped": self.capture.dropped(),
+            },
         })
     }
 

@@ -156,6 +156,7 @@ mod tests {
             runtime: Default::default(),
             inputs: vec![],
             outputs: vec![],
+            prediction: None,
             features: vec![],
             golden: vec![],
             reference: None,

@@ -7,18 +7,18 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use edgefleet_client::api::ModelSummary;
-use edgefleet_protocol::messages::FailureCode;
+use edgefleet_protocol::messages::{FailureCode, ModelRef};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::watch;
 
 use crate::api::{self, ApiState, Served};
 use crate::control::{LoadReport, ModelSpec, WorkerCommand, WorkerEvent, WorkerSpec, WorkerStats};
+use crate::feedback::{FeedbackLimits, PredictionLog};
 use crate::runtime::{GoldenError, LoadedModel, RuntimeError};
 use crate::store::{check_model_dir, read_manifest};
 use crate::telemetry::WindowAcc;
@@ -26,7 +26,7 @@ use crate::telemetry::WindowAcc;
 static STDOUT: Mutex<()> = Mutex::new(());
 
 /// Writes one event line to the supervisor.
-fn emit(event: &WorkerEvent) {
+pub fn emit(event: &WorkerEvent) {
     let _guard = STDOUT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -89,6 +89,21 @@ pub fn load(spec: &ModelSpec) -> Result<(Served, LoadReport), (FailureCode, Stri
         release: manifest.release,
         digest: spec.slot.digest.clone(),
     };
+    let model_ref = ModelRef {
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+        release: manifest.release,
+        manifest_digest: spec.slot.digest.parse().map_err(|_| {
+            (
+                FailureCode::Io,
+                format!(
+                    "the store names model digest {:?}, not 64 hex digits",
+                    spec.slot.digest
+                ),
+            )
+        })?,
+    };
+    let prediction = manifest.prediction_spec();
     let permits = tokio::sync::Semaphore::new(usize::from(manifest.runtime.threads.max(1)));
     let report = LoadReport {
         latency_us,
@@ -99,6 +114,8 @@ pub fn load(spec: &ModelSpec) -> Result<(Served, LoadReport), (FailureCode, Stri
             model,
             manifest,
             summary,
+            model_ref,
+            prediction,
             permits,
         },
         report,
@@ -215,13 +232,19 @@ async fn serve(
     shadow: Option<Arc<Served>>,
 ) -> Result<()> {
     let stats = Arc::new(Mutex::new(WorkerStats::default()));
+    let predictions = Arc::new(Mutex::new(PredictionLog::with_random_prefix(
+        FeedbackLimits {
+            max_predictions: spec.feedback_max_predictions,
+            max_age: Duration::from_secs(spec.feedback_max_age_s),
+        },
+    )));
     let shadow = shadow.map(|served| {
         let (sender, jobs) = std::sync::mpsc::sync_channel(spec.shadow_queue);
         let summary = served.summary.clone();
-        let stats = stats.clone();
+        let (stats, predictions) = (stats.clone(), predictions.clone());
         std::thread::Builder::new()
             .name(String::from("shadow"))
-            .spawn(move || api::shadow_loop(served, jobs, stats))
+            .spawn(move || api::shadow_loop(served, jobs, stats, predictions))
             .map(|_| (summary, sender))
     });
     let shadow = shadow
@@ -235,9 +258,12 @@ async fn serve(
         shadow,
         stats: stats.clone(),
         window: window.clone(),
-        next_id: AtomicU64::new(1),
+        predictions,
+        capture: RwLock::new(spec.capture.clone()),
+        emit,
         max_body_bytes: spec.max_body_bytes,
     });
+    let commands_state = state.clone();
     let window_stats = stats.clone();
 
     // Commands from the supervisor; EOF (the supervisor is gone) means drain.
@@ -252,6 +278,12 @@ async fn serve(
                     let _ = serve_tx.send(true);
                 }
                 Ok(WorkerCommand::Drain) => break,
+                Ok(WorkerCommand::Capture(settings)) => {
+                    *commands_state
+                        .capture
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
+                }
                 Ok(WorkerCommand::TakeWindow) => {
                     let mut data = window
                         .as_ref()
@@ -268,7 +300,7 @@ async fn serve(
                         .clone();
                     data.shadow = shadow.since(&last_shadow);
                     last_shadow = shadow;
-                    emit(&WorkerEvent::Window(data));
+                    emit(&WorkerEvent::Window(Box::new(data)));
                 }
                 Err(err) => tracing::warn!(error = %err, "ignoring an unknown command"),
             }

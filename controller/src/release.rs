@@ -18,7 +18,8 @@ use edgefleet_protocol::codec::{self, MAX_MANIFEST_BYTES};
 use edgefleet_protocol::crypto::{Domain, Sha256Stream};
 use edgefleet_protocol::manifest::{
     DType, FeatureSpec, GoldenVector, Lineage, MANIFEST_FORMAT, Manifest, NamedTensor, Payload,
-    PayloadRole, ReferenceStats, RuntimeSettings, Target, TensorData, TensorSpec,
+    PayloadRole, PredictionKind, PredictionSpec, ReferenceStats, RuntimeSettings, Target,
+    TensorData, TensorSpec,
 };
 use edgefleet_protocol::sketch::ReferenceFeature;
 use edgefleet_protocol::trust::Signed;
@@ -166,6 +167,11 @@ pub struct ReleaseSpec {
     pub inputs: Vec<TensorSpec>,
     /// Output specs replacing the model's declared ones of the same name.
     pub outputs: Vec<TensorSpec>,
+    /// The output ground-truth feedback is scored against (default: the first output).
+    pub prediction_output: Option<TensorName>,
+    /// How it is scored (default: a classification at threshold 0.5). With neither set the
+    /// manifest names no prediction and devices apply that default.
+    pub prediction_kind: Option<PredictionKind>,
     /// Drift features; with none and a reference CSV, each CSV column becomes a feature of the
     /// model's single input at the column's index.
     pub features: Vec<FeatureSpec>,
@@ -195,6 +201,8 @@ impl ReleaseSpec {
             model_file_name: None,
             inputs: Vec::new(),
             outputs: Vec::new(),
+            prediction_output: None,
+            prediction_kind: None,
             features: Vec::new(),
             reference: None,
             golden: None,
@@ -658,6 +666,29 @@ pub fn parse_golden(
 }
 
 /// Feature indices must fall inside the tensor's last axis when it is fixed.
+/// The manifest's prediction from the spec's output and kind; `None` when the spec sets neither.
+fn prediction_spec(
+    spec: &ReleaseSpec,
+    outputs: &[TensorSpec],
+) -> Result<Option<PredictionSpec>, ReleaseError> {
+    if spec.prediction_output.is_none() && spec.prediction_kind.is_none() {
+        return Ok(None);
+    }
+    let output = match &spec.prediction_output {
+        Some(name) => name.clone(),
+        None => outputs
+            .first()
+            .map(|o| o.name.clone())
+            .ok_or_else(|| ReleaseError::manifest("the model has no output to predict from"))?,
+    };
+    let kind = spec
+        .prediction_kind
+        .unwrap_or(PredictionKind::Classification {
+            threshold: edgefleet_protocol::manifest::DEFAULT_THRESHOLD,
+        });
+    Ok(Some(PredictionSpec { output, kind }))
+}
+
 fn check_features(features: &[FeatureSpec], inputs: &[TensorSpec]) -> Result<(), ReleaseError> {
     for feature in features {
         let Some(input) = inputs.iter().find(|i| i.name == feature.tensor) else {
@@ -745,6 +776,7 @@ pub fn build_release(
         .as_ref()
         .map(|file| parse_golden(file, &inputs, &outputs))
         .transpose()?;
+    let prediction = prediction_spec(spec, &outputs)?;
     let mut manifest = Manifest {
         format: MANIFEST_FORMAT,
         name: spec.name.clone(),
@@ -759,6 +791,7 @@ pub fn build_release(
         runtime: spec.runtime.clone(),
         inputs,
         outputs,
+        prediction,
         features,
         golden: given_golden.clone().unwrap_or_default(),
         reference: reference.as_ref().map(|r| r.stats.clone()),

@@ -32,6 +32,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 const API_SOURCE: &str = include_str!("../src/server/api.rs");
 const REGISTRY_SOURCE: &str = include_str!("../src/server/registry.rs");
 const ROLLOUTS_SOURCE: &str = include_str!("../src/server/rollouts.rs");
+const CAPTURE_SOURCE: &str = include_str!("../src/server/capture.rs");
 
 const REFERENCE_HEADER: &str = "temperature_c,vibration_rms,current_a,pressure_bar\n";
 
@@ -1019,6 +1020,7 @@ async fn the_openapi_document_covers_every_api_route() {
         .into_iter()
         .chain(routes_in(REGISTRY_SOURCE))
         .chain(routes_in(ROLLOUTS_SOURCE))
+        .chain(routes_in(CAPTURE_SOURCE))
         .filter(|(path, _)| path.starts_with("/api/v1/"))
         .collect();
     // The scan itself works: it finds routes written on one line and across lines.
@@ -1051,7 +1053,7 @@ async fn the_openapi_document_covers_every_api_route() {
     }
     assert!(
         missing.is_empty(),
-        "routes registered in api.rs/registry.rs/rollouts.rs but not documented in controller/openapi.json: {missing:?}"
+        "routes registered in api.rs/registry.rs/rollouts.rs/capture.rs but not documented in controller/openapi.json: {missing:?}"
     );
     // And nothing documented that is not served.
     let stale: Vec<_> = paths

@@ -117,6 +117,7 @@ fn bundle(payload: &[u8], release_keys: &[SecretKey]) -> (Vec<u8>, Vec<u8>) {
         runtime: RuntimeSettings::default(),
         inputs: vec![],
         outputs: vec![],
+        prediction: None,
         features: vec![],
         golden: vec![],
         reference: None,

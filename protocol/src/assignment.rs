@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
+use crate::capture::CaptureSettings;
 use crate::codec::{self, MAX_MESSAGE_BYTES};
 use crate::crypto::{Domain, Sha256Digest};
 use crate::ids::{Arch, DeviceId, ModelName, ModelVersion, RolloutId};
@@ -43,6 +44,10 @@ pub struct Assignment {
     pub active: Option<AssignedModel>,
     pub shadow: Option<AssignedModel>,
     pub rollout: Option<RolloutId>,
+    /// Data capture on this device (off when absent; an assignment without it encodes as
+    /// before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureSettings>,
 }
 
 impl Assignment {

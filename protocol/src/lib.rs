@@ -4,6 +4,7 @@
 
 pub mod assignment;
 pub mod bundle;
+pub mod capture;
 pub mod codec;
 pub mod crypto;
 pub mod enroll;

@@ -35,6 +35,10 @@ pub struct Manifest {
     pub runtime: RuntimeSettings,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// How a prediction is read from the outputs, for ground-truth feedback; absent: see
+    /// [`Manifest::prediction_spec`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<PredictionSpec>,
     /// Which input elements are tracked as features for drift.
     pub features: Vec<FeatureSpec>,
     /// Inputs with known outputs, run on the device before a model is activated.
@@ -135,6 +139,30 @@ impl TensorSpec {
                 .zip(&self.shape)
                 .all(|(got, want)| want.is_none_or(|w| w == *got))
     }
+}
+
+/// The threshold a single score is read at when the manifest names none.
+pub const DEFAULT_THRESHOLD: f32 = 0.5;
+
+/// Which output holds the prediction and what kind it is, so that ground truth fed back for a
+/// prediction can be scored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+#[serde(deny_unknown_fields)]
+pub struct PredictionSpec {
+    pub output: TensorName,
+    pub kind: PredictionKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionKind {
+    /// The predicted class is the index of the largest element along the output's last axis;
+    /// a single score (a last axis of one) is class 1 at or above `threshold`, else class 0.
+    Classification { threshold: f32 },
+    /// The output's single element (per row) is the predicted value.
+    Regression,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,6 +380,21 @@ impl Manifest {
                 ));
             }
         }
+        if let Some(prediction) = &self.prediction {
+            if !output_names.contains(prediction.output.as_str()) {
+                return Err(format!(
+                    "the prediction is read from output {}, which the schema does not list",
+                    prediction.output
+                ));
+            }
+            if let PredictionKind::Classification { threshold } = prediction.kind
+                && !threshold.is_finite()
+            {
+                return Err(String::from(
+                    "the prediction's classification threshold must be a finite number",
+                ));
+            }
+        }
         for (i, golden) in self.golden.iter().enumerate() {
             check_tensors(i, "input", &golden.inputs, &self.inputs, &input_names)?;
             check_tensors(i, "output", &golden.outputs, &self.outputs, &output_names)?;
@@ -385,6 +428,20 @@ impl Manifest {
                 .iter()
                 .find(|r| r.name == spec.name)?;
             Some((spec, reference))
+        })
+    }
+
+    /// The prediction ground truth is scored against: the manifest's, else the first output
+    /// read as a classification at [`DEFAULT_THRESHOLD`]. `None` for a model without outputs.
+    pub fn prediction_spec(&self) -> Option<PredictionSpec> {
+        if let Some(spec) = &self.prediction {
+            return Some(spec.clone());
+        }
+        self.outputs.first().map(|output| PredictionSpec {
+            output: output.name.clone(),
+            kind: PredictionKind::Classification {
+                threshold: DEFAULT_THRESHOLD,
+            },
         })
     }
 
@@ -571,7 +628,7 @@ fn version_lt(a: &str, b: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{DType, NanPolicy, TensorSpec, version_lt};
+    use super::{DType, NanPolicy, PredictionKind, PredictionSpec, TensorSpec, version_lt};
     use crate::TensorName;
 
     #[test]
@@ -587,6 +644,49 @@ mod tests {
         assert!(!spec.fits_shape(&[1, 5]));
         assert!(!spec.fits_shape(&[4]));
         assert!(!spec.fits_shape(&[1, 4, 1]));
+    }
+
+    #[test]
+    fn the_prediction_defaults_to_the_first_output_at_threshold_one_half() {
+        let mut manifest = crate::trust::tests::manifest(1, "any");
+        assert_eq!(
+            manifest.prediction_spec(),
+            None,
+            "no outputs, nothing to score"
+        );
+        let output = |name: &str| TensorSpec {
+            name: TensorName::new(name).unwrap(),
+            dtype: DType::F32,
+            shape: vec![Some(1), Some(1)],
+            nan: NanPolicy::Reject,
+        };
+        manifest.outputs = vec![output("score"), output("aux")];
+        assert_eq!(
+            manifest.prediction_spec(),
+            Some(PredictionSpec {
+                output: TensorName::new("score").unwrap(),
+                kind: PredictionKind::Classification { threshold: 0.5 },
+            })
+        );
+        manifest.prediction = Some(PredictionSpec {
+            output: TensorName::new("aux").unwrap(),
+            kind: PredictionKind::Regression,
+        });
+        assert!(manifest.validate().is_ok());
+        assert_eq!(manifest.prediction_spec(), manifest.prediction);
+        manifest.prediction = Some(PredictionSpec {
+            output: TensorName::new("missing").unwrap(),
+            kind: PredictionKind::Regression,
+        });
+        let err = manifest.validate().unwrap_err();
+        assert!(err.contains("output missing"), "{err}");
+        manifest.prediction = Some(PredictionSpec {
+            output: TensorName::new("score").unwrap(),
+            kind: PredictionKind::Classification {
+                threshold: f32::NAN,
+            },
+        });
+        assert!(manifest.validate().unwrap_err().contains("finite"));
     }
 
     #[test]

@@ -241,13 +241,18 @@ pub struct ShadowStats {
     /// Sum over compared requests of the mean absolute output difference.
     pub abs_diff_sum: f64,
     pub latency: LatencyHistogram,
+    /// Ground truth fed back over the window, scored against the shadow's own predictions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<FeedbackStats>,
 }
 
-/// Ground-truth feedback received through the local API over the window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Ground-truth feedback received through the local API over the window, scored against the
+/// model's prediction (see [`crate::manifest::PredictionSpec`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 #[serde(deny_unknown_fields)]
 pub struct FeedbackStats {
+    /// Predictions given their ground truth.
     pub count: u64,
     /// Classification: predictions that matched the label.
     pub correct: u64,

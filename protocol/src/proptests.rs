@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 
 use crate::assignment::{AssignedModel, Assignment, DeviceTrust, Floors};
 use crate::bundle::{Bundle, BundleError, BundleVerifier, split_header};
+use crate::capture::{CaptureBatch, CaptureSettings};
 use crate::codec::{self, MAX_MANIFEST_BYTES};
 use crate::crypto::{DeviceMacKey, Domain, SecretKey, Sha256Digest};
 use crate::ids::{Arch, DeviceId, ModelName, ModelVersion, RolloutId, TensorName};
@@ -50,6 +51,8 @@ macro_rules! for_each_wire_type {
             status: Status,
             device_event: DeviceEvent,
             capture_notice: CaptureNotice,
+            capture_settings: CaptureSettings,
+            capture_batch: CaptureBatch,
             feature_sketch: FeatureSketch,
             latency_histogram: LatencyHistogram,
             reference_feature: ReferenceFeature,
@@ -169,6 +172,7 @@ static FIXTURES: LazyLock<Fixtures> = LazyLock::new(|| {
         }),
         shadow: None,
         rollout: Some(RolloutId::new("r-1").unwrap()),
+        capture: None,
     };
     let assignment_bytes = assignment.sign(&controller);
 

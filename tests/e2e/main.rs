@@ -4,6 +4,7 @@
     reason = "test helpers fail the test by panicking"
 )]
 
+mod capture;
 mod cli_bundles;
 mod cli_online;
 mod controller_demo;

@@ -252,6 +252,18 @@ impl ControllerProcess {
         })
     }
 
+    /// `edgefleet` (the admin CLI) set up for this controller: its URL and admin token in the
+    /// environment, a CLI config file of its own.
+    pub fn cli(&self) -> Command {
+        let mut command = Command::new(bin("edgefleet"));
+        command
+            .env("EDGEFLEET_URL", format!("http://{}", self.api))
+            .env("EDGEFLEET_TOKEN", &self.token)
+            .env("EDGEFLEET_CONFIG", self.data_dir.with_extension("cli.toml"))
+            .env_remove("EDGEFLEET_PROFILE");
+        command
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> Reply {
         let request = self
             .http

@@ -7,7 +7,8 @@ use edgefleet_protocol::bundle::bundle_header;
 use edgefleet_protocol::crypto::{Domain, SecretKey};
 use edgefleet_protocol::manifest::{
     DType, FeatureSpec, GoldenVector, Lineage, MANIFEST_FORMAT, Manifest, NamedTensor, NanPolicy,
-    Payload, PayloadRole, ReferenceStats, RuntimeSettings, Target, TensorData, TensorSpec,
+    Payload, PayloadRole, PredictionSpec, ReferenceStats, RuntimeSettings, Target, TensorData,
+    TensorSpec,
 };
 use edgefleet_protocol::trust::{ReleaseKeyring, Role, RootKeyring, Signed};
 use edgefleet_protocol::{Arch, ModelName, ModelVersion, Sha256Digest, TensorName, Timestamp};
@@ -111,6 +112,7 @@ impl TestFleet {
             runtime: spec.runtime.clone(),
             inputs: spec.inputs.clone(),
             outputs: spec.outputs.clone(),
+            prediction: spec.prediction.clone(),
             features: spec.features.clone(),
             golden: spec.golden.clone(),
             reference: spec.reference.clone(),
@@ -143,6 +145,8 @@ pub struct BundleSpec {
     pub release: u64,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// How feedback is scored (`None`: the manifest default).
+    pub prediction: Option<PredictionSpec>,
     pub golden: Vec<GoldenVector>,
     pub runtime: RuntimeSettings,
     pub features: Vec<FeatureSpec>,
@@ -182,6 +186,7 @@ impl BundleSpec {
                 tensor("output", &[Some(1), Some(1)]),
                 tensor("stateN", &[Some(2), Some(1), Some(128)]),
             ],
+            prediction: None,
             golden: vec![GoldenVector {
                 inputs: vec![
                     named("input", &[1, 576], vec![0.0; 576]),
@@ -215,6 +220,7 @@ impl BundleSpec {
             release,
             inputs: vec![tensor(input.0, input.1)],
             outputs: vec![tensor(output.0, output.1)],
+            prediction: None,
             golden: Vec::new(),
             runtime: RuntimeSettings {
                 grace_window_s: 1,

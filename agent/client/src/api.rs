@@ -66,11 +66,45 @@ pub struct ModelSummary {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InferResponse {
-    /// Prediction id, unique per agent run; quote it when sending feedback.
+    /// Prediction id, unique per model worker; quote it when sending feedback.
     pub id: u64,
     pub model: ModelSummary,
     pub latency_us: u64,
     pub outputs: BTreeMap<String, Tensor>,
+    /// Whether this request was captured for retraining (data capture is on for the device).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub captured: bool,
+}
+
+/// `POST /v1/feedback`: the ground truth for a prediction, exactly one of `label` and `value`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    /// The `id` `/v1/infer` answered with.
+    pub id: u64,
+    /// The true class index (classification models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<i64>,
+    /// The true value (regression models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+}
+
+/// How the ground truth compared with the prediction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackResponse {
+    pub id: u64,
+    pub model: ModelSummary,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_class: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_value: Option<f64>,
+    /// Classification: whether the predicted class was the label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correct: Option<bool>,
+    /// Regression: prediction minus the true value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

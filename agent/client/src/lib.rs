@@ -7,6 +7,9 @@
 //! println!("{} {}: {:?}", reply.model.name, reply.model.version, reply.outputs["y"].data);
 //! ```
 //!
+//! Feedback: `client.feedback(reply.id, GroundTruth::Label(1))` sends the ground truth for a
+//! prediction, for the fleet's accuracy figures.
+//!
 //! Blocking, one keep-alive connection per client, over TCP (loopback) or a Unix socket; bodies
 //! are CBOR by default (JSON with [`Client::json`]).
 
@@ -16,7 +19,10 @@ mod http;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub use api::{ErrorBody, InferRequest, InferResponse, ModelInfo, ModelSummary, Tensor};
+pub use api::{
+    ErrorBody, FeedbackRequest, FeedbackResponse, InferRequest, InferResponse, ModelInfo,
+    ModelSummary, Tensor,
+};
 pub use http::Endpoint;
 
 /// Why a call failed.
@@ -48,6 +54,15 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// The ground truth for a prediction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GroundTruth {
+    /// The true class index (classification).
+    Label(u32),
+    /// The true value (regression).
+    Value(f64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +113,30 @@ impl Client {
     }
 
     pub fn infer_request(&mut self, request: &InferRequest) -> Result<InferResponse, ClientError> {
+        self.post("/v1/infer", request)
+    }
+
+    /// Sends the ground truth for prediction `id` (the `id` of an [`InferResponse`]). The agent
+    /// answers 404 for an unknown or expired id, 409 when the prediction already has its
+    /// ground truth, 422 when the truth does not fit the model (a label for a regression, a
+    /// class it does not have).
+    pub fn feedback(
+        &mut self,
+        id: u64,
+        truth: GroundTruth,
+    ) -> Result<FeedbackResponse, ClientError> {
+        let (label, value) = match truth {
+            GroundTruth::Label(label) => (Some(i64::from(label)), None),
+            GroundTruth::Value(value) => (None, Some(value)),
+        };
+        self.post("/v1/feedback", &FeedbackRequest { id, label, value })
+    }
+
+    fn post<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        request: &T,
+    ) -> Result<R, ClientError> {
         let (content_type, body) = match self.encoding {
             Encoding::Json => (
                 "application/json",
@@ -110,10 +149,9 @@ impl Client {
                 ("application/cbor", body)
             }
         };
-        let response = self
-            .conn
-            .request("POST", "/v1/infer", Some((content_type, &body)))?;
-        response.decode()
+        self.conn
+            .request("POST", path, Some((content_type, &body)))?
+            .decode()
     }
 
     /// The active model and its schema.

@@ -25,7 +25,7 @@ fn linked_agent(dir: &std::path::Path, pki: &TestPki, broker: &Mosquitto) -> Set
 }
 
 /// An agent linked to `broker` with a device certificate from `pki`, plus `extra` settings.
-fn linked_agent_with(
+pub fn linked_agent_with(
     dir: &std::path::Path,
     pki: &TestPki,
     broker: &Mosquitto,
@@ -192,6 +192,7 @@ fn assignment(
         }),
         shadow: None,
         rollout: None,
+        capture: None,
     }
     .sign(&setup.fleet.controller)
 }
@@ -208,16 +209,7 @@ fn signed_assignments_are_downloaded_resumed_verified_and_activated() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::new(&dir.path().join("pki"));
-    let broker = Mosquitto::start(&pki, &dir.path().join("broker"), "edgefleet-controller");
-    let controller = pki.issue("edgefleet-controller", &[]);
-    let peer = ControllerPeer::start(
-        broker.addr,
-        &pki.ca,
-        &controller,
-        DeviceId::new("test-device").unwrap(),
-        DeviceMacKey(KEY),
-    );
+    let Link { pki, broker, peer } = link(dir.path());
     let setup = linked_agent(dir.path(), &pki, &broker);
     let server = BundleServer::start(&pki);
     let scale = |release| {
@@ -449,13 +441,13 @@ fn a_device_enrolls_with_a_one_time_token_then_connects_with_its_new_identity() 
 }
 
 /// A broker, a controller peer for `test-device` and the fleet PKI, in `dir`.
-struct Link {
-    pki: std::sync::Arc<TestPki>,
-    broker: Mosquitto,
-    peer: ControllerPeer,
+pub struct Link {
+    pub pki: std::sync::Arc<TestPki>,
+    pub broker: Mosquitto,
+    pub peer: ControllerPeer,
 }
 
-fn link(dir: &std::path::Path) -> Link {
+pub fn link(dir: &std::path::Path) -> Link {
     let pki = std::sync::Arc::new(TestPki::new(&dir.join("pki")));
     let broker = Mosquitto::start(&pki, &dir.join("broker"), "edgefleet-controller");
     let peer = controller_peer(&pki, &broker);

@@ -6,6 +6,7 @@
 
 mod activation;
 mod crash;
+mod feedback;
 mod link;
 mod serve;
 mod telemetry;

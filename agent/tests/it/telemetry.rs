@@ -14,7 +14,8 @@ use edgefleet_tests::models::fixture;
 
 use crate::{Setup, install_ok, setup};
 
-fn spooled(setup: &Setup) -> Vec<DeviceMessage> {
+/// The reports in the agent's spool, oldest first.
+pub fn spooled(setup: &Setup) -> Vec<DeviceMessage> {
     let dir = setup.agent.state_dir.join("spool");
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()

@@ -190,6 +190,7 @@ pub fn window<R: rand::Rng + ?Sized>(
         argmax_agree: 0,
         abs_diff_sum: 0.0,
         latency: LatencyHistogram::default(),
+        feedback: None,
     });
     for _ in 0..request_count(rng, behaviour.inference_rate, seconds) {
         let outcome = request_outcome(rng, behaviour);

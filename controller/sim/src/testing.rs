@@ -54,6 +54,7 @@ pub fn manifest(
             })
             .collect(),
         golden: Vec::new(),
+        prediction: None,
         reference: Some(ReferenceStats {
             sample_count: features.first().map_or(0, |(_, v)| v.len() as u64),
             features: features

@@ -171,6 +171,8 @@ fn release_spec(args: &Build) -> Result<ReleaseSpec> {
     spec.lineage = args.lineage.lineage()?;
     spec.runtime = args.runtime.settings();
     spec.expires_days = args.runtime.expires_days;
+    spec.prediction_output = args.runtime.prediction_output.clone();
+    spec.prediction_kind = args.runtime.prediction_kind()?;
     Ok(spec)
 }
 
@@ -416,6 +418,7 @@ fn manifest_json(m: &Manifest, digest: &Sha256Digest, signed: &Signed) -> serde_
         "runtime": {"threads": m.runtime.threads, "latency_budget_ms": m.runtime.latency_budget_ms, "grace_window_s": m.runtime.grace_window_s, "max_error_rate": m.runtime.max_error_rate},
         "inputs": tensors(&m.inputs),
         "outputs": tensors(&m.outputs),
+        "prediction": m.prediction_spec().map(|p| prediction_text(&p)),
         "features": m.features.iter().map(|f| json!({"name": f.name.as_str(), "tensor": f.tensor.as_str(), "index": f.index})).collect::<Vec<_>>(),
         "golden_vectors": m.golden.len(),
         "reference": m.reference.as_ref().map(|r| json!({
@@ -425,6 +428,21 @@ fn manifest_json(m: &Manifest, digest: &Sha256Digest, signed: &Signed) -> serde_
         "lineage": spec::lineage_json(&m.lineage),
         "signatures": signed.signatures.iter().map(|s| s.key_id.to_string()).collect::<Vec<_>>(),
     })
+}
+
+/// How feedback is scored, e.g. `anomaly_probability: classification at threshold 0.5`.
+fn prediction_text(p: &edgefleet_protocol::manifest::PredictionSpec) -> String {
+    match p.kind {
+        edgefleet_protocol::manifest::PredictionKind::Classification { threshold } => {
+            format!(
+                "{}: classification (a single score at threshold {threshold})",
+                p.output
+            )
+        }
+        edgefleet_protocol::manifest::PredictionKind::Regression => {
+            format!("{}: regression", p.output)
+        }
+    }
 }
 
 /// The manifest's fields, one `field value` line each (`bundle inspect`, `model show`).
@@ -492,6 +510,9 @@ pub fn print_manifest(m: &Manifest, digest: &Sha256Digest) {
                 f.name, f.tensor, f.index
             ),
         );
+    }
+    if let Some(prediction) = m.prediction_spec() {
+        row("prediction", &prediction_text(&prediction));
     }
     row("golden vectors", &m.golden.len().to_string());
     let l = &m.lineage;

@@ -57,6 +57,8 @@ pub enum Command {
     Rollout(Online<online::rollout::RolloutCommand>),
     /// A/B experiments: two models on two cohorts, compared by a significance test.
     Experiment(Online<online::experiment::ExperimentCommand>),
+    /// Data capture for retraining: turn it on or off per device, list and download batches.
+    Capture(Online<online::capture::CaptureCommand>),
     /// Print a shell completion script, e.g. `edgefleet completions bash > /etc/bash_completion.d/edgefleet`.
     Completions {
         #[arg(value_enum)]
@@ -78,6 +80,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(command) => online::run(command, online::audit::run),
         Command::Rollout(command) => online::run(command, online::rollout::run),
         Command::Experiment(command) => online::run(command, online::experiment::run),
+        Command::Capture(command) => online::run(command, online::capture::run),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics when its writer fails (`| head`).
             let mut script = Vec::new();

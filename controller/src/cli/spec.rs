@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use edgefleet_protocol::manifest::{
-    DType, FeatureSpec, Lineage, Metric, NanPolicy, Param, RuntimeSettings, TensorSpec,
+    DEFAULT_THRESHOLD, DType, FeatureSpec, Lineage, Metric, NanPolicy, Param, PredictionKind,
+    RuntimeSettings, TensorSpec,
 };
 use edgefleet_protocol::{Arch, ModelName, ModelVersion, Sha256Digest, TensorName};
 
@@ -206,9 +207,57 @@ pub struct RuntimeArgs {
     max_error_rate: f32,
     #[arg(long, default_value_t = 365)]
     pub expires_days: u64,
+    /// How devices score ground truth fed back for a prediction: `classification` (the class is
+    /// the argmax of the output's last axis; a single score is class 1 at or above --threshold)
+    /// or `regression` (the output's value). Default: classification at 0.5.
+    #[arg(long, value_enum)]
+    pub prediction: Option<PredictionArg>,
+    /// The output the prediction is read from (default: the first output).
+    #[arg(long)]
+    pub prediction_output: Option<TensorName>,
+    /// Threshold for a classification read from a single score.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PredictionArg {
+    Classification,
+    Regression,
 }
 
 impl RuntimeArgs {
+    /// The prediction kind the flags name, if any.
+    pub fn prediction_kind(&self) -> Result<Option<PredictionKind>> {
+        match (self.prediction, self.threshold) {
+            (Some(PredictionArg::Regression), Some(_)) => {
+                bail!("--threshold applies to a classification; drop it or --prediction regression")
+            }
+            (Some(PredictionArg::Regression), None) => Ok(Some(PredictionKind::Regression)),
+            (_, Some(threshold)) if !threshold.is_finite() => {
+                bail!("--threshold {threshold} must be a finite number")
+            }
+            (Some(PredictionArg::Classification), threshold) | (None, threshold @ Some(_)) => {
+                Ok(Some(PredictionKind::Classification {
+                    threshold: threshold.unwrap_or(DEFAULT_THRESHOLD),
+                }))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The prediction as the registry's upload metadata states it.
+    pub fn prediction_json(&self) -> Result<serde_json::Value> {
+        let kind = self.prediction_kind()?;
+        if kind.is_none() && self.prediction_output.is_none() {
+            return Ok(serde_json::Value::Null);
+        }
+        Ok(serde_json::json!({
+            "output": self.prediction_output.as_ref().map(|o| o.as_str()),
+            "kind": kind,
+        }))
+    }
+
     pub fn settings(&self) -> RuntimeSettings {
         RuntimeSettings {
             threads: self.threads,
@@ -222,6 +271,40 @@ impl RuntimeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prediction_flags_name_the_kind_and_refuse_a_threshold_for_a_regression() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Flags {
+            #[command(flatten)]
+            runtime: RuntimeArgs,
+        }
+        let kind = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .unwrap()
+                .runtime
+                .prediction_kind()
+        };
+        assert_eq!(kind(&[]).unwrap(), None, "the manifest default applies");
+        assert_eq!(
+            kind(&["--threshold", "0.8"]).unwrap(),
+            Some(PredictionKind::Classification { threshold: 0.8 })
+        );
+        assert_eq!(
+            kind(&["--prediction", "classification"]).unwrap(),
+            Some(PredictionKind::Classification { threshold: 0.5 })
+        );
+        assert_eq!(
+            kind(&["--prediction", "regression"]).unwrap(),
+            Some(PredictionKind::Regression)
+        );
+        let err = kind(&["--prediction", "regression", "--threshold", "0.5"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--threshold applies to a classification")
+        );
+    }
 
     #[test]
     fn tensor_specs_parse_and_explain_errors() {

@@ -860,6 +860,12 @@ impl Driver {
                         .map(|m| api::assigned(&self.app, m))
                         .transpose()?,
                     rollout: Some(rollout_id.clone()),
+                    // Data capture is the operator's per-device setting; a rollout keeps it.
+                    capture: crate::server::capture::device_settings(
+                        &self.app.store,
+                        device.as_str(),
+                    )
+                    .await?,
                 };
                 let summary = api::assignment_summary(&template);
                 let audit = AuditEntry::new(

@@ -173,6 +173,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/audit", get(audit_export))
         .route("/api/v1/audit/verify", get(audit_verify))
         .merge(super::registry::routes())
+        .merge(super::capture::routes())
         .layer(DefaultBodyLimit::max(JSON_LIMIT))
         .layer(axum::middleware::from_fn(move |req, next| {
             let metrics = metrics.clone();
@@ -436,7 +437,7 @@ async fn list_devices(
     Ok(Json(json!({"devices": devices})))
 }
 
-fn device_id(id: &str) -> ApiResult<DeviceId> {
+pub(crate) fn device_id(id: &str) -> ApiResult<DeviceId> {
     DeviceId::new(id).map_err(|e| ApiError::bad_request(format!("device id {id:?}: {e}")))
 }
 
@@ -608,6 +609,7 @@ pub(crate) fn assignment_summary(a: &Assignment) -> Value {
         "rollback": a.rollback,
         "active": model(&a.active),
         "shadow": model(&a.shadow),
+        "capture": a.capture.is_some(),
     })
 }
 
@@ -679,6 +681,7 @@ pub async fn issue_assignment(
         active: active.map(|m| assigned(app, m)).transpose()?,
         shadow: shadow.map(|m| assigned(app, m)).transpose()?,
         rollout: None,
+        capture: super::capture::device_settings(&app.store, device.as_str()).await?,
     };
     let summary = assignment_summary(&template);
     let audit = AuditEntry::new(
@@ -688,6 +691,15 @@ pub async fn issue_assignment(
         json!({"active": summary["active"], "shadow": summary["shadow"], "rollback": rollback}),
     );
     let signed = store_assignment(app, template, None, audit).await?;
+    publish_assignment(app, device, signed).await
+}
+
+/// Publishes `device`'s newly stored assignment (retained) and returns its stored summary.
+pub(crate) async fn publish_assignment(
+    app: &App,
+    device: &DeviceId,
+    signed: Vec<u8>,
+) -> ApiResult<Value> {
     app.publisher
         .assignment(device, signed)
         .await

@@ -1,5 +1,6 @@
-//! The HTTPS endpoint devices talk to: enrollment (no client certificate yet; one-time token)
-//! and bundle downloads (client certificate of an enrolled, unrevoked device; HTTP Range).
+//! The HTTPS endpoint devices talk to: enrollment (no client certificate yet; one-time token),
+//! bundle downloads (client certificate of an enrolled, unrevoked device; HTTP Range) and
+//! capture batch uploads (same certificate; checked by `server::capture`).
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -11,7 +12,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use edgefleet_protocol::DeviceMacKey;
 use edgefleet_protocol::enroll::{
     ENROLL_PATH, ENROLL_VERSION, EnrollError, EnrollErrorDetail, EnrollRequest, EnrollResponse,
@@ -23,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tower::ServiceExt;
 
 use super::App;
+use super::api::ApiError;
 use super::audit::AuditEntry;
 use super::store::{NewDevice, StoreError};
 
@@ -40,6 +42,11 @@ pub fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, 
     let router = Router::new()
         .route(ENROLL_PATH, post(enroll))
         .route("/api/v1/bundles/{digest}", get(bundle))
+        .route(
+            "/api/v1/captures/{batch}",
+            // The upload streams and is checked against its announced size.
+            put(capture_upload).layer(DefaultBodyLimit::disable()),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(32 * 1024))
         .with_state(app);
@@ -252,32 +259,54 @@ fn parse_range(value: &str, size: u64) -> Result<(u64, u64), ()> {
     Ok((start, end))
 }
 
+/// The enrolled, unrevoked device the client certificate names, or the refusal.
+async fn enrolled<'p>(app: &App, peer: &'p Peer, what: &str) -> Result<&'p str, ApiError> {
+    let Some(device) = peer.device.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "client_certificate_required",
+            format!("{what} need the device's client certificate from enrollment"),
+        ));
+    };
+    match app.store.device_key(device).await {
+        Ok(Some((_, false))) => Ok(device),
+        Ok(_) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "device_not_enrolled",
+            format!("device {device:?} is not enrolled or was revoked"),
+        )),
+        Err(err) => {
+            tracing::error!(%err, "cannot check a device");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "internal",
+                "retry later",
+            ))
+        }
+    }
+}
+
+/// A capture batch the device announced (see `server::capture`).
+async fn capture_upload(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(batch): Path<String>,
+    body: Body,
+) -> Response {
+    match enrolled(&app, &peer, "capture uploads").await {
+        Ok(device) => super::capture::receive_upload(&app, device, &batch, body).await,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
 async fn bundle(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
     Path(digest): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(device) = peer.device.as_deref() else {
-        return plain(
-            StatusCode::UNAUTHORIZED,
-            "client_certificate_required",
-            "bundle downloads need the device's client certificate from enrollment",
-        );
-    };
-    match app.store.device_key(device).await {
-        Ok(Some((_, false))) => {}
-        Ok(_) => {
-            return plain(
-                StatusCode::FORBIDDEN,
-                "device_not_enrolled",
-                format!("device {device:?} is not enrolled or was revoked"),
-            );
-        }
-        Err(err) => {
-            tracing::error!(%err, "cannot check a device");
-            return plain(StatusCode::SERVICE_UNAVAILABLE, "internal", "retry later");
-        }
+    if let Err(refusal) = enrolled(&app, &peer, "bundle downloads").await {
+        return refusal.into_response();
     }
     if edgefleet_protocol::Sha256Digest::from_str(&digest).is_err() {
         return plain(

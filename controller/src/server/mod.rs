@@ -11,6 +11,7 @@
 //! | `broker` | the embedded MQTT broker (rumqttd) and its login check |
 //! | `mqtt` | the controller's MQTT client: ingest, acks, retained assignments |
 //! | `api` | the admin HTTP API (`/api/v1`, `/metrics`, OpenAPI) |
+//! | `capture` | data capture: per-device settings, upload offers, uploads, CSV downloads |
 //! | `registry` | model upload, validation, signing, storage |
 //! | `device_api` | the HTTPS endpoint devices use: enrollment, bundle downloads (Range) |
 //! | `refresh` | re-signs assignments before they expire |
@@ -22,6 +23,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod broker;
+pub mod capture;
 pub mod config;
 pub mod device_api;
 pub mod keys;
@@ -191,23 +193,6 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
             )
         })?;
     let (rollouts, rollout_queue) = crate::rollout::driver::channel();
-    let publisher = mqtt::start(
-        mqtt::MqttSettings {
-            host: mqtt_host.clone(),
-            port: mqtt_port,
-            client_id: client_name,
-            login,
-            tls,
-            shared: embedded_addr.is_none(),
-        },
-        store.clone(),
-        key_cache.clone(),
-        clock.clone(),
-        metrics.clone(),
-        takeover,
-        rollouts.clone(),
-    );
-
     let api_listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
@@ -232,6 +217,26 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
         };
         format!("mqtts://{}:{mqtt_port}", bracket(&host))
     });
+
+    let publisher = mqtt::start(
+        mqtt::MqttSettings {
+            host: mqtt_host.clone(),
+            port: mqtt_port,
+            client_id: client_name,
+            login,
+            tls,
+            shared: embedded_addr.is_none(),
+        },
+        store.clone(),
+        key_cache.clone(),
+        clock.clone(),
+        metrics.clone(),
+        takeover,
+        mqtt::Listeners {
+            rollouts: rollouts.clone(),
+            captures: capture::NoticeAnswers::new(store.clone(), device_url.clone()),
+        },
+    );
 
     let app = Arc::new(App {
         store: store.clone(),

@@ -21,6 +21,7 @@ use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
 use super::broker::Logins;
+use super::capture::NoticeAnswers;
 use super::metrics::Metrics;
 use super::store::{Report, StatusUpdate, Store};
 use crate::rollout::driver::{RolloutHandle, reports_of};
@@ -218,6 +219,14 @@ struct Incoming {
     message: DeviceMessage,
 }
 
+/// Who learns of committed reports beyond the store: the rollouts (every newly inserted report
+/// and status) and the capture notices (answered after their commit).
+#[derive(Debug)]
+pub struct Listeners {
+    pub rollouts: RolloutHandle,
+    pub captures: NoticeAnswers,
+}
+
 /// Starts the client, the ingest batcher and the ack sender.
 pub fn start(
     settings: MqttSettings,
@@ -226,8 +235,9 @@ pub fn start(
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     takeover: Takeover,
-    rollouts: RolloutHandle,
+    listeners: Listeners,
 ) -> Publisher {
+    let Listeners { rollouts, captures } = listeners;
     let mut options = MqttOptions::new(
         settings.client_id.clone(),
         settings.host.clone(),
@@ -432,7 +442,7 @@ pub fn start(
                 .collect();
             rollouts.observe(observed).await;
             let mut acks: BTreeMap<String, (DeviceId, DeviceMacKey, Vec<u64>)> = BTreeMap::new();
-            for item in batch {
+            for item in &batch {
                 acks.entry(item.device.to_string())
                     .or_insert_with(|| (item.device.clone(), item.key.clone(), Vec::new()))
                     .2
@@ -451,6 +461,24 @@ pub fn start(
                     .await
                 {
                     tracing::warn!(%err, "cannot queue an ack; the device will resend");
+                }
+            }
+            // Committed capture notices get their upload URL (or refusal) on the same topic.
+            for item in &batch {
+                let DeviceBody::Capture(notice) = &item.message.body else {
+                    continue;
+                };
+                let Some(answer) = captures.answer(now, &item.device, notice).await else {
+                    continue;
+                };
+                let message = ControllerMessage::new(item.device.clone(), clock.now(), answer)
+                    .seal(&item.key);
+                let topic = Topic::new(item.device.clone(), TopicKind::Ack).to_string();
+                if let Err(err) = ack_client
+                    .publish(topic, QoS::AtLeastOnce, false, message)
+                    .await
+                {
+                    tracing::warn!(%err, "cannot queue a capture answer; the device announces the batch again");
                 }
             }
         }

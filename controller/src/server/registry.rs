@@ -17,9 +17,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use edgefleet_protocol::bundle::DetachedSignature;
-use edgefleet_protocol::manifest::{Lineage, Metric, Param, RuntimeSettings};
+use edgefleet_protocol::manifest::{Lineage, Metric, Param, PredictionKind, RuntimeSettings};
 use edgefleet_protocol::trust::Signed;
-use edgefleet_protocol::{Arch, ModelName, ModelVersion, Sha256Digest, codec};
+use edgefleet_protocol::{Arch, ModelName, ModelVersion, Sha256Digest, TensorName, codec};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -75,6 +75,17 @@ pub struct ModelMetadata {
     #[serde(default)]
     pub runtime: Option<RuntimeMetadata>,
     pub expires_days: Option<u64>,
+    /// How devices score ground-truth feedback (default: the first output, a classification
+    /// at threshold 0.5).
+    #[serde(default)]
+    pub prediction: Option<PredictionMetadata>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictionMetadata {
+    pub output: Option<String>,
+    pub kind: Option<PredictionKind>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -376,7 +387,7 @@ async fn spec_from(
             .map_err(|e| ApiError::bad_request(format!("arch {arch:?}: {e}")))?;
     }
     spec.min_agent_version = m.min_agent_version;
-    spec.model_file_name = edgefleet_protocol::TensorName::new(file_name).ok();
+    spec.model_file_name = TensorName::new(file_name).ok();
     let parse_all = |items: &[String], parse: fn(&str) -> anyhow::Result<_>, what: &str| {
         items
             .iter()
@@ -455,6 +466,17 @@ async fn spec_from(
     }
     if let Some(days) = m.expires_days {
         spec.expires_days = days;
+    }
+    if let Some(p) = m.prediction {
+        spec.prediction_output = p
+            .output
+            .as_deref()
+            .map(|o| {
+                TensorName::new(o)
+                    .map_err(|e| ApiError::bad_request(format!("prediction.output: {e}")))
+            })
+            .transpose()?;
+        spec.prediction_kind = p.kind;
     }
     Ok(spec)
 }

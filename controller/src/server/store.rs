@@ -1288,6 +1288,193 @@ impl Store {
     pub async fn execute_raw(&self, sql: &str) -> Result<u64> {
         Ok(self.pool.execute(sql).await?.rows_affected())
     }
+
+    // ---- data capture ----
+
+    /// Turns capture on for `device` with `settings` (JSON), or off (`None`), audited in the
+    /// same transaction.
+    pub async fn set_capture_settings(
+        &self,
+        now: i64,
+        device: &str,
+        settings: Option<serde_json::Value>,
+        updated_by: &str,
+        audit: AuditEntry,
+    ) -> Result<()> {
+        let (device, updated_by) = (device.to_owned(), updated_by.to_owned());
+        self.write(now, Some(audit), move |tx| {
+            Box::pin(async move {
+                let known = sqlx::query("SELECT revoked_at FROM devices WHERE id = $1")
+                    .bind(&device)
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(format!("device {device:?}")))?;
+                if settings.is_some() && known.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
+                    return Err(StoreError::Refused(format!(
+                        "device {device:?} is revoked; it captures nothing"
+                    )));
+                }
+                sqlx::query("DELETE FROM capture_settings WHERE device = $1")
+                    .bind(&device)
+                    .execute(&mut **tx)
+                    .await?;
+                if let Some(settings) = settings {
+                    sqlx::query(
+                        "INSERT INTO capture_settings (device, settings, updated_by, updated_at) \
+                         VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(&device)
+                    .bind(settings.to_string())
+                    .bind(&updated_by)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// `device`'s current signed assignment, if it has one.
+    pub async fn device_assignment(&self, device: &str) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT assignment FROM devices WHERE id = $1")
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("device {device:?}")))?;
+        Ok(row
+            .try_get::<Option<Vec<u8>>, _>("assignment")?
+            .filter(|bytes| !bytes.is_empty()))
+    }
+
+    /// The capture settings (JSON) of `device`; `None` when capture is off.
+    pub async fn capture_settings(&self, device: &str) -> Result<Option<serde_json::Value>> {
+        sqlx::query("SELECT settings FROM capture_settings WHERE device = $1")
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| json_col(&r, "settings"))
+            .transpose()
+    }
+
+    /// Records a device's announced batch (once per (device, batch)) and returns the row as
+    /// stored, which may be an earlier announcement of the same batch.
+    pub async fn record_capture(&self, now: i64, capture: &CaptureRow) -> Result<CaptureRow> {
+        let c = capture.clone();
+        let _guard = self.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO captures (device, batch, model_digest, samples, bytes, sha256, first_at, \
+             last_at, noticed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (device, batch) DO NOTHING",
+        )
+        .bind(&c.device)
+        .bind(c.batch)
+        .bind(&c.model_digest)
+        .bind(c.samples)
+        .bind(c.bytes)
+        .bind(&c.sha256)
+        .bind(c.first_at)
+        .bind(c.last_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        drop(_guard);
+        self.capture(&c.device, c.batch).await?.ok_or_else(|| {
+            StoreError::Corrupt(format!("capture {} {} vanished", c.device, c.batch))
+        })
+    }
+
+    pub async fn capture(&self, device: &str, batch: i64) -> Result<Option<CaptureRow>> {
+        let sql =
+            format!("SELECT {CAPTURE_COLUMNS} FROM captures WHERE device = $1 AND batch = $2");
+        sqlx::query(&sql)
+            .bind(device)
+            .bind(batch)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| capture_row(&r))
+            .transpose()
+    }
+
+    /// Marks a batch uploaded, its file at `path`.
+    pub async fn capture_uploaded(
+        &self,
+        now: i64,
+        device: &str,
+        batch: i64,
+        path: &str,
+    ) -> Result<()> {
+        let _guard = self.writer.lock().await;
+        sqlx::query(
+            "UPDATE captures SET uploaded_at = $1, path = $2 WHERE device = $3 AND batch = $4",
+        )
+        .bind(now)
+        .bind(path)
+        .bind(device)
+        .bind(batch)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Announced batches, by model digest (any of `models`; all when empty) and device,
+    /// oldest first.
+    pub async fn list_captures(
+        &self,
+        models: &[String],
+        device: Option<&str>,
+    ) -> Result<Vec<CaptureRow>> {
+        let sql =
+            format!("SELECT {CAPTURE_COLUMNS} FROM captures ORDER BY first_at, device, batch");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        let mut out = Vec::new();
+        for row in &rows {
+            let row = capture_row(row)?;
+            if (models.is_empty() || models.contains(&row.model_digest))
+                && device.is_none_or(|d| d == row.device)
+            {
+                out.push(row);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One announced capture batch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CaptureRow {
+    pub device: String,
+    pub batch: i64,
+    pub model_digest: String,
+    pub samples: i64,
+    pub bytes: i64,
+    pub sha256: String,
+    pub first_at: i64,
+    pub last_at: i64,
+    pub noticed_at: i64,
+    pub uploaded_at: Option<i64>,
+    #[serde(skip)]
+    pub path: Option<String>,
+}
+
+const CAPTURE_COLUMNS: &str = "device, batch, model_digest, samples, bytes, sha256, first_at, \
+     last_at, noticed_at, uploaded_at, path";
+
+fn capture_row(row: &AnyRow) -> Result<CaptureRow> {
+    Ok(CaptureRow {
+        device: row.try_get("device")?,
+        batch: row.try_get("batch")?,
+        model_digest: row.try_get("model_digest")?,
+        samples: row.try_get("samples")?,
+        bytes: row.try_get("bytes")?,
+        sha256: row.try_get("sha256")?,
+        first_at: row.try_get("first_at")?,
+        last_at: row.try_get("last_at")?,
+        noticed_at: row.try_get("noticed_at")?,
+        uploaded_at: row.try_get("uploaded_at")?,
+        path: row.try_get("path")?,
+    })
 }
 
 /// Appends `actions` to a rollout's outbox after its last entry.

@@ -107,6 +107,7 @@ pub(crate) fn manifest(release: u64, arch: &str) -> Manifest {
             nan: NanPolicy::Reject,
         }],
         outputs: vec![],
+        prediction: None,
         features: vec![],
         golden: vec![GoldenVector {
             inputs: vec![NamedTensor {
@@ -168,6 +169,7 @@ impl Fleet {
             }),
             shadow: None,
             rollout: None,
+            capture: None,
         }
         .sign(&self.controller)
     }

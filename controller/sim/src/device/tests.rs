@@ -234,6 +234,7 @@ impl Trace {
             active: active.cloned(),
             shadow: None,
             rollout: None,
+            capture: None,
         }
     }
 

@@ -297,10 +297,21 @@ impl Client {
         &self,
         path: &[&str],
         out: &mut dyn Write,
+        progress: impl FnMut(usize),
+    ) -> Result<u64, ClientError> {
+        self.download_with(path, &[], out, progress)
+    }
+
+    /// [`Client::download`] with a query string.
+    pub fn download_with(
+        &self,
+        path: &[&str],
+        query: &[(&str, String)],
+        out: &mut dyn Write,
         mut progress: impl FnMut(usize),
     ) -> Result<u64, ClientError> {
         self.runtime.block_on(async {
-            let mut response = self.send(self.request(Method::GET, path, &[])).await?;
+            let mut response = self.send(self.request(Method::GET, path, query)).await?;
             let mut written = 0u64;
             loop {
                 let chunk = response.chunk().await.map_err(|e| ClientError::Transport {

@@ -3,6 +3,7 @@
 //! controller files, no `crate::server`.
 
 pub mod audit;
+pub mod capture;
 pub mod client;
 pub mod device;
 pub mod experiment;

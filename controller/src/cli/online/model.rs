@@ -182,6 +182,7 @@ fn register(client: &Client, args: &Register, format: OutputFormat) -> Result<()
         // The upload's `runtime` fields are the manifest's.
         "runtime": args.runtime.settings(),
         "expires_days": args.runtime.expires_days,
+        "prediction": args.runtime.prediction_json()?,
     });
     let file = std::fs::File::open(&args.model)
         .with_context(|| format!("cannot open {}", args.model.display()))?;
