@@ -16,14 +16,14 @@
 //! ```
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use edgefleet_sim::{Fleet, Phase, Progress, SimConfig};
-use edgefleet_tests::agent::free_port;
-use edgefleet_tests::broker::Mosquitto;
-use edgefleet_tests::controller::{ControllerProcess, ControllerSpec, mosquitto_config};
+
+mod common;
+use common::Bed;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -73,23 +73,14 @@ struct Phases {
 }
 
 fn sim_config(
-    controller: &ControllerProcess,
+    bed: &Bed,
     state: &std::path::Path,
     args: &Args,
 ) -> Result<(SimConfig, Arc<Mutex<Phases>>)> {
-    let token = std::fs::read_to_string(controller.data_dir.join("admin-token"))?;
-    let mut config = SimConfig::new(
-        format!("http://{}", controller.api),
-        token,
-        controller.ca_path(),
-        controller.data_dir.join("keys"),
-        state,
-        args.devices,
-    );
+    let mut config = bed.sim_config(state, args.devices)?;
     config.connect_rate = args.connect_rate;
     config.enroll_concurrency = args.enroll_concurrency;
     config.max_connecting = args.max_connecting;
-    config.start_timeout = Duration::from_secs(1800);
     let phases = Arc::new(Mutex::new(Phases::default()));
     let seen = phases.clone();
     config.progress = Some(Arc::new(move |p: Progress| {
@@ -112,31 +103,8 @@ fn main() -> Result<()> {
         bail!("--devices must be at least 1");
     }
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let mut spec = ControllerSpec::default();
-    let broker = match args.broker.as_str() {
-        "embedded" => None,
-        "mosquitto" => {
-            let (addr, out) = (free_port(), dir.path().join("mosquitto"));
-            mosquitto_config(&data, &out, addr);
-            let broker = Mosquitto::start_generated(&out, addr);
-            let pid = broker.pid().context("mosquitto runs")?;
-            spec.external = Some((addr, format!("kill -HUP {pid}")));
-            Some(broker)
-        }
-        other => bail!("--broker {other:?}: use embedded or mosquitto"),
-    };
-    let controller = ControllerProcess::start(&data, &spec);
-    let broker_pid = match &broker {
-        Some(mosquitto) => mosquitto.pid(),
-        None => controller.pid(),
-    }
-    .context("the broker's process")?;
-    let broker_name = if broker.is_some() {
-        "mosquitto"
-    } else {
-        "controller (embedded broker)"
-    };
+    let bed = Bed::start(dir.path(), &args.broker)?;
+    let (broker_pid, broker_name) = bed.broker_process()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -149,7 +117,7 @@ fn main() -> Result<()> {
 
     let (before, _) = memory(me)?;
     let (broker_before, _) = memory(broker_pid)?;
-    let (config, phases) = sim_config(&controller, &state, &args)?;
+    let (config, phases) = sim_config(&bed, &state, &args)?;
     let started = Instant::now();
     let fleet = runtime.block_on(Fleet::start(config))?;
     let phases = std::mem::take(
@@ -188,7 +156,7 @@ fn main() -> Result<()> {
         counters.sent, counters.acked
     );
 
-    let (config, phases) = sim_config(&controller, &state, &args)?;
+    let (config, phases) = sim_config(&bed, &state, &args)?;
     let started = Instant::now();
     let fleet = runtime.block_on(Fleet::start(config))?;
     let connected = phases
@@ -202,7 +170,6 @@ fn main() -> Result<()> {
         n / (connected - started).as_secs_f64()
     );
     runtime.block_on(fleet.stop())?;
-    drop(controller);
-    drop(broker);
+    drop(bed);
     Ok(())
 }
