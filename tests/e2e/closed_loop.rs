@@ -24,8 +24,8 @@ use edgefleet_tests::agent::AgentProcess;
 use edgefleet_tests::controller::{ControllerProcess, ControllerSpec};
 use edgefleet_tests::postgres::require_postgres;
 use edgefleet_tests::{bin, run, run_ok};
+use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
-use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Gamma, StandardNormal};
 use serde_json::{Value, json};
 
@@ -196,9 +196,9 @@ impl Drop for Traffic {
     }
 }
 
-/// Dropped in field order: traffic, agents, controller, then the files.
+/// Dropped in field order: agents, controller, then the files (the traffic, a later local,
+/// stops first).
 struct Bed {
-    traffic: Option<Traffic>,
     agents: Vec<(String, AgentProcess)>,
     controller: ControllerProcess,
     dir: tempfile::TempDir,
@@ -272,8 +272,7 @@ fn closed_loop(python: &Path, database: Option<String>) {
             ((*id).to_owned(), agent)
         })
         .collect();
-    let mut bed = Bed {
-        traffic: None,
+    let bed = Bed {
         agents,
         controller,
         dir,
@@ -299,7 +298,7 @@ fn closed_loop(python: &Path, database: Option<String>) {
             "enable",
             id,
             "--sample-rate",
-            "0.5",
+            "1",
             "--batch-samples",
             "50",
             "--batch-age-s",
@@ -314,7 +313,7 @@ fn closed_loop(python: &Path, database: Option<String>) {
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-examples/retrain/retrain.py");
     let command = format!(
-        "echo \"$EDGEFLEET_DRIFT_EVENT\" >> {fired} && {python} {script} --out {out}/retrain-$EDGEFLEET_DRIFT_EVENT --edgefleet {cli} --min-captured 600 --wait-s 120 -- --grace-window-s 1 2>> {out}/retrain.log",
+        "echo \"$EDGEFLEET_DRIFT_EVENT\" >> {fired} && {python} {script} --out {out}/retrain-$EDGEFLEET_DRIFT_EVENT --edgefleet {cli} --min-captured 2000 --wait-s 180 -- --grace-window-s 1 2>> {out}/retrain.log",
         fired = bed.dir.path().join("fired").display(),
         python = python.display(),
         script = script.display(),
@@ -325,8 +324,8 @@ fn closed_loop(python: &Path, database: Option<String>) {
         "shadow": {"cohort": "2", "duration_s": 4},
         "waves": [{"size": "1", "bake_s": 4}, {"size": "100%"}],
         "gates": {
-            "min_inferences": 50, "min_shadow_compared": 50, "max_error_rate_increase": 0.05,
-            "max_drift_score": 0.5, "min_drift_windows": 1
+            "min_inferences": 50, "min_shadow_compared": 50, "max_error_rate_increase": 0.05, "max_p95_latency_ratio": 3.0,
+            "max_drift_score": 0.5, "min_drift_windows": 3
         },
         "approval": true,
     });
@@ -362,7 +361,7 @@ fn closed_loop(python: &Path, database: Option<String>) {
     assert_eq!(shown["policy"]["group_by"], json!(["site"]), "{shown}");
     assert_eq!(shown["policy"]["detector"]["window_samples"], 200);
 
-    bed.traffic = Some(Traffic::start(&bed.agents));
+    let traffic = Traffic::start(&bed.agents);
 
     // Detection for exactly the north group and its devices; south evaluated and stable.
     let north_group = "group site=north";
@@ -421,9 +420,7 @@ fn closed_loop(python: &Path, database: Option<String>) {
     assert_eq!(lineage["parent"], baseline.as_str(), "{lineage}");
 
     // The shift reaches the south site; its detection is recorded, no second retraining.
-    if let Some(traffic) = &bed.traffic {
-        traffic.south_shifted.store(true, Ordering::Relaxed);
-    }
+    traffic.south_shifted.store(true, Ordering::Relaxed);
     run_ok(cli().args(["rollout", "approve", &rollout_id]));
     let done = bed.wait("the candidate's rollout to complete", || {
         let (_, shown) = bed
@@ -435,7 +432,8 @@ fn closed_loop(python: &Path, database: Option<String>) {
             .to_owned();
         assert!(
             !["aborted", "rolled_back"].contains(&phase.as_str()),
-            "the rollout stopped: {shown:#}\n{}",
+            "the rollout stopped: {shown:#}\nthe candidate's drift: {:#}\n{}",
+            bed.controller.get(&format!("/api/v1/drift/{candidate}")).1,
             bed.logs()
         );
         if phase == "completed" {
@@ -452,11 +450,7 @@ fn closed_loop(python: &Path, database: Option<String>) {
             "{id}: {row}\n{done:#}"
         );
     }
-    let answered = bed
-        .traffic
-        .as_ref()
-        .map_or(0, |t| t.answered.load(Ordering::Relaxed));
-    assert!(answered > 0);
+    assert!(traffic.answered.load(Ordering::Relaxed) > 0);
     let fired = bed.fired();
     assert_eq!(fired, [event.clone()], "still fired once");
 

@@ -432,6 +432,13 @@ impl Service {
         };
         let scope_text = scope.to_string();
         let model_json = json!({"name": info.name, "version": info.version, "digest": key.0});
+        let record = Record {
+            now,
+            info,
+            digest: &key.0,
+            scope,
+            model: &model_json,
+        };
         for action in watch.detector.handle(now, scope_window) {
             match action {
                 detector::Action::Evaluated(evaluation) => {
@@ -458,31 +465,18 @@ impl Service {
                 detector::Action::Accumulating { .. }
                 | detector::Action::OutputBaselineSet { .. } => {}
                 detector::Action::DriftDetected(found) => {
-                    let id = super::auth::new_id("dre");
-                    let devices = vec![device.to_string()];
-                    let details = json!({"change": *found, "devices_reporting": devices});
-                    watch.episode = Some(id.clone());
-                    watch.drifting_since = Some(ms(now));
-                    change.events.push(event_row(
-                        &id,
-                        now,
-                        info,
-                        &key.0,
-                        scope,
+                    let id = record.event(
+                        change,
                         "detected",
-                        details.clone(),
-                    ));
-                    change.audits.push(AuditEntry::new(
-                        ACTOR,
-                        "drift.detected",
-                        format!("drift:{id}"),
+                        json!({"change": *found, "devices_reporting": [device]}),
                         json!({
-                            "event": id, "model": model_json, "scope": scope_json(scope),
                             "window": found.window,
                             "features": found.rule.features, "top_ranked": found.rule.top_ranked,
                             "evidence": brief_evidence(&found.evidence),
                         }),
-                    ));
+                    );
+                    watch.episode = Some(id.clone());
+                    watch.drifting_since = Some(ms(now));
                     let payload = json!({
                         "type": "drift.detected", "event": id, "at": ms(now), "model": model_json,
                         "scope": scope_json(scope), "scope_text": scope_text, "change": *found,
@@ -532,21 +526,15 @@ impl Service {
                     }
                 }
                 detector::Action::DriftCleared(cleared) => {
-                    let id = super::auth::new_id("dre");
                     let opened = watch.episode.take();
                     watch.drifting_since = None;
                     watch.retrain = None;
-                    let details = json!({"change": *cleared, "detected_event": opened});
-                    change
-                        .events
-                        .push(event_row(&id, now, info, &key.0, scope, "cleared", details));
-                    change.audits.push(AuditEntry::new(
-                        ACTOR,
-                        "drift.cleared",
-                        format!("drift:{id}"),
-                        json!({"event": id, "detected_event": opened, "model": model_json, "scope": scope_json(scope),
-                               "window": cleared.window, "since_window": cleared.since}),
-                    ));
+                    let id = record.event(
+                        change,
+                        "cleared",
+                        json!({"change": *cleared, "detected_event": opened}),
+                        json!({"detected_event": opened, "window": cleared.window, "since_window": cleared.since}),
+                    );
                     if let Some(alert) = &policy.alert
                         && alert.scopes.contains(&ScopeKind::of(scope))
                     {
@@ -566,23 +554,12 @@ impl Service {
                     } else {
                         "prediction_cleared"
                     };
-                    let id = super::auth::new_id("dre");
-                    change.events.push(event_row(
-                        &id,
-                        now,
-                        info,
-                        &key.0,
-                        scope,
+                    record.event(
+                        change,
                         kind,
                         json!({"change": *found}),
-                    ));
-                    change.audits.push(AuditEntry::new(
-                        ACTOR,
-                        format!("drift.{kind}"),
-                        format!("drift:{id}"),
-                        json!({"event": id, "model": model_json, "scope": scope_json(scope), "window": found.window,
-                               "outputs": brief_evidence(&found.evidence)}),
-                    ));
+                        json!({"window": found.window, "outputs": brief_evidence(&found.evidence)}),
+                    );
                 }
             }
         }
@@ -602,31 +579,20 @@ impl Service {
                     performance::Action::Recovered(c) => ("performance_recovered", c),
                     _ => continue,
                 };
-                let id = super::auth::new_id("dre");
-                let details = json!({"crossing": crossing});
-                change.events.push(event_row(
-                    &id,
-                    now,
-                    info,
-                    &key.0,
-                    scope,
+                let id = record.event(
+                    change,
                     kind,
-                    details.clone(),
-                ));
-                let action = kind.replacen('_', ".", 1);
-                change.audits.push(AuditEntry::new(
-                    ACTOR,
-                    action.clone(),
-                    format!("drift:{id}"),
-                    json!({"event": id, "model": model_json, "scope": scope_json(scope), "crossing": crossing}),
-                ));
+                    json!({"crossing": crossing}),
+                    json!({"crossing": crossing}),
+                );
+                let action = action_of(kind);
                 if let Some(alert) = &policy.alert
                     && alert.scopes.contains(&ScopeKind::of(scope))
                 {
                     after.alerts.push((
                         alert.clone(),
-                        action,
-                        json!({"type": kind.replacen('_', ".", 1), "event": id, "at": ms(now), "model": model_json,
+                        action.clone(),
+                        json!({"type": action, "event": id, "at": ms(now), "model": model_json,
                                "scope": scope_json(scope), "scope_text": scope_text, "crossing": crossing}),
                     ));
                 }
@@ -635,23 +601,54 @@ impl Service {
     }
 }
 
-fn event_row(
-    id: &str,
+/// The audit action of an event kind: `detected` → `drift.detected`, `performance_degraded` →
+/// `performance.degraded`.
+fn action_of(kind: &str) -> String {
+    match kind.strip_prefix("performance_") {
+        Some(rest) => format!("performance.{rest}"),
+        None => format!("drift.{kind}"),
+    }
+}
+
+/// Records a scope's events: the event row and its audit row, in the batch's change.
+struct Record<'a> {
     now: Timestamp,
-    info: &ModelInfo,
-    digest: &str,
-    scope: &Scope,
-    kind: &str,
-    details: Value,
-) -> DriftEventRow {
-    DriftEventRow {
-        id: id.to_owned(),
-        at: ms(now),
-        model_name: info.name.clone(),
-        model_digest: digest.to_owned(),
-        scope: scope_json(scope),
-        kind: kind.to_owned(),
-        details,
+    info: &'a ModelInfo,
+    digest: &'a str,
+    scope: &'a Scope,
+    model: &'a Value,
+}
+
+impl Record<'_> {
+    /// Adds an event of `kind` with `details`, and its audit row with `audit`'s fields plus the
+    /// event id, model and scope; returns the event id.
+    fn event(
+        &self,
+        change: &mut DriftChange,
+        kind: &str,
+        details: Value,
+        mut audit: Value,
+    ) -> String {
+        let id = super::auth::new_id("dre");
+        change.events.push(DriftEventRow {
+            id: id.clone(),
+            at: ms(self.now),
+            model_name: self.info.name.clone(),
+            model_digest: self.digest.to_owned(),
+            scope: scope_json(self.scope),
+            kind: kind.to_owned(),
+            details,
+        });
+        audit["event"] = json!(id);
+        audit["model"] = self.model.clone();
+        audit["scope"] = scope_json(self.scope);
+        change.audits.push(AuditEntry::new(
+            ACTOR,
+            action_of(kind),
+            format!("drift:{id}"),
+            audit,
+        ));
+        id
     }
 }
 

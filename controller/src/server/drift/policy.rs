@@ -191,3 +191,6 @@ impl DriftPolicy {
         Ok(request)
     }
 }
+
+#[cfg(test)]
+mod tests;
