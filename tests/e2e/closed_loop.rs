@@ -12,7 +12,9 @@
 //! site too (whose detection is recorded but fires no second retraining), the operator approves,
 //! and the candidate goes through its shadow phase and canary wave to the whole fleet. The audit
 //! log holds the chain in order: `drift.detected` → `retrain.requested` → `model.register` →
-//! `rollout.start` → `device.assign`. On SQLite, and on PostgreSQL when it is installed.
+//! `rollout.start` → `device.assign`. A controller SIGKILLed and restarted then goes on with
+//! its detectors where they were, firing nothing again. On SQLite, and on PostgreSQL when it is
+//! installed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -272,7 +274,7 @@ fn closed_loop(python: &Path, database: Option<String>) {
             ((*id).to_owned(), agent)
         })
         .collect();
-    let bed = Bed {
+    let mut bed = Bed {
         agents,
         controller,
         dir,
@@ -533,4 +535,41 @@ fn closed_loop(python: &Path, database: Option<String>) {
     }
     let verify = run(cli().args(["audit", "verify"]));
     assert!(verify.success(), "{}", verify.stderr);
+
+    // SIGKILLed and restarted, the controller goes on with its detectors where they were: the
+    // candidate's fleet detector keeps counting windows, the north episode stays open with the
+    // same event, and nothing fires again.
+    let windows = |bed: &Bed| -> u64 {
+        bed.drift_status()
+            .iter()
+            .find(|s| scope_of(s) == "fleet" && s["model"]["digest"] == candidate.as_str())
+            .and_then(|s| s["windows"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = windows(&bed);
+    assert!(before >= 1, "{:#?}", bed.drift_status());
+    bed.controller.restart();
+    bed.wait(
+        "the candidate's fleet detector to go on after the restart",
+        || {
+            let now = windows(&bed);
+            if now > before + 1 {
+                Ok(())
+            } else {
+                Err(format!("{now} window(s); {before} before the restart"))
+            }
+        },
+    );
+    let north = bed
+        .drift_status()
+        .into_iter()
+        .find(|s| scope_of(s) == north_group && s["model"]["digest"] == baseline.as_str())
+        .unwrap();
+    assert_eq!(north["drifting"], true, "{north}");
+    assert_eq!(north["event"], event.as_str(), "{north}");
+    assert_eq!(
+        bed.fired(),
+        std::slice::from_ref(&event),
+        "nothing fired again"
+    );
 }
