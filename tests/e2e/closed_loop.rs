@@ -4,7 +4,8 @@
 //!
 //! The north sensors read high (temperature and vibration shifted by one training standard
 //! deviation, the truth unchanged): the drift service detects drift for group `site=north` and
-//! its two devices, and for nothing of `site=south`; the model's policy fires its retraining
+//! its two devices, and for nothing of `site=south` (a signed alert webhook hears of it); the
+//! model's policy fires its retraining
 //! command exactly once, which runs the example `firmware-examples/retrain/retrain.py`: it
 //! downloads the north devices' captured samples, trains the classifier on them, and registers
 //! the candidate with `--candidate-for pump-anomaly`. The policy's rollout plan starts the
@@ -198,6 +199,72 @@ impl Drop for Traffic {
     }
 }
 
+/// A webhook receiver on loopback: answers 200 to every POST and keeps (headers, body).
+struct Hooks {
+    url: String,
+    received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+}
+
+impl Hooks {
+    const MAX_DELIVERIES: usize = 1000;
+
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/drift", listener.local_addr().unwrap());
+        let received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let kept = received.clone();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, BufReader, Read, Write};
+            for stream in listener.incoming().take(Self::MAX_DELIVERIES) {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line.to_ascii_lowercase());
+                }
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; length];
+                if reader.read_exact(&mut body).is_ok() {
+                    kept.lock().unwrap().push((head, body));
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        });
+        Self { url, received }
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104) of `body` under `key`, as the signature header writes it.
+fn hmac_sha256(key: &[u8], body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(body)
+        .finalize();
+    let outer = Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize();
+    format!("sha256={}", hex::encode(outer))
+}
+
 /// Dropped in field order: agents, controller, then the files (the traffic, a later local,
 /// stops first).
 struct Bed {
@@ -331,6 +398,16 @@ fn closed_loop(python: &Path, database: Option<String>) {
         },
         "approval": true,
     });
+    let hooks = Hooks::start();
+    let secret_file = bed.dir.path().join("alert-secret");
+    std::fs::write(&secret_file, "alert-secret-1\n").unwrap();
+    let policy_file = bed.dir.path().join("policy.json");
+    std::fs::write(
+        &policy_file,
+        json!({"alert": {"url": hooks.url, "secret_file": secret_file, "scopes": ["group"]}})
+            .to_string(),
+    )
+    .unwrap();
     let plan_file = bed.dir.path().join("plan.json");
     std::fs::write(&plan_file, plan.to_string()).unwrap();
     run_ok(cli().args([
@@ -338,6 +415,8 @@ fn closed_loop(python: &Path, database: Option<String>) {
         "policy",
         "set",
         "pump-anomaly",
+        "--file",
+        &policy_file.to_string_lossy(),
         "--window-samples",
         "200",
         "--group-by",
@@ -510,6 +589,33 @@ fn closed_loop(python: &Path, database: Option<String>) {
     assert_eq!(retrain_rows.len(), 1, "{retrain_rows:#?}");
     let sent = seq_of("retrain.sent", &|r| r["details"]["event"] == event.as_str());
     assert!(sent > requested);
+
+    // The alert webhook heard of the north detection, signed with the policy's secret.
+    let alerts = hooks.received.lock().unwrap().clone();
+    let north_alert = alerts
+        .iter()
+        .find_map(|(head, body)| {
+            let payload: Value = serde_json::from_slice(body).ok()?;
+            (payload["event"] == event.as_str()).then(|| (head.clone(), body.clone(), payload))
+        })
+        .unwrap_or_else(|| panic!("no alert for {event}: {} received", alerts.len()));
+    let (head, body, payload) = north_alert;
+    assert_eq!(payload["type"], "drift.detected", "{payload}");
+    assert_eq!(payload["scope_text"], north_group, "{payload}");
+    assert!(head.contains("x-edgefleet-event: drift.detected"), "{head}");
+    let signature = hmac_sha256(b"alert-secret-1", &body);
+    assert!(
+        head.contains(&format!("x-edgefleet-signature: {signature}")),
+        "{head} (expected {signature})"
+    );
+    for (_, body) in &alerts {
+        let payload: Value = serde_json::from_slice(body).unwrap();
+        let scope = payload["scope_text"].as_str().unwrap_or_default();
+        assert!(
+            scope.starts_with("group "),
+            "only group scopes alert: {payload}"
+        );
+    }
 
     // The CLI's views.
     let status = run_ok(cli().args(["drift", "status"]));
