@@ -199,10 +199,13 @@ impl Drop for Traffic {
     }
 }
 
+/// The deliveries a [`Hooks`] receiver kept: (lower-cased request head, body).
+type Deliveries = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A webhook receiver on loopback: answers 200 to every POST and keeps (headers, body).
 struct Hooks {
     url: String,
-    received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    received: Deliveries,
 }
 
 impl Hooks {
@@ -211,7 +214,7 @@ impl Hooks {
     fn start() -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/drift", listener.local_addr().unwrap());
-        let received: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let received: Deliveries = Arc::default();
         let kept = received.clone();
         std::thread::spawn(move || {
             use std::io::{BufRead, BufReader, Read, Write};
