@@ -186,6 +186,8 @@ struct Supervisor {
 struct Downloaded {
     seq: u64,
     assignment: edgefleet_protocol::Verified<edgefleet_protocol::Assignment>,
+    /// The bundle is the assignment's shadow model, not its active one.
+    shadow: bool,
     result: Result<PathBuf, String>,
 }
 
@@ -1128,9 +1130,45 @@ impl Supervisor {
             .as_ref()
             .is_some_and(|slot| slot.digest == model.manifest_digest.to_hex())
         {
+            self.converge_shadow(assignment).await;
+            return;
+        }
+        self.fetch(assignment, model, false).await;
+    }
+
+    /// With the assigned model already active: starts, replaces or stops the shadow model the
+    /// assignment names (a rollout's shadow phase).
+    async fn converge_shadow(
+        &mut self,
+        assignment: edgefleet_protocol::Verified<edgefleet_protocol::Assignment>,
+    ) {
+        let want = assignment
+            .shadow
+            .as_ref()
+            .map(|m| m.manifest_digest.to_hex());
+        let have = self.state().shadow.map(|slot| slot.digest);
+        if want == have {
             tracing::info!(seq = assignment.seq, "already running the assigned model");
             return;
         }
+        match assignment.shadow.clone() {
+            None => {
+                if let Err(failure) = self.set_shadow(None).await {
+                    tracing::warn!(code = ?failure.code, message = %failure.message, "cannot stop the shadow model");
+                }
+            }
+            Some(shadow) => self.fetch(assignment, shadow, true).await,
+        }
+    }
+
+    /// Downloads `model` (the assignment's active model, or its shadow) in the background; the
+    /// result comes back as a [`Downloaded`].
+    async fn fetch(
+        &mut self,
+        assignment: edgefleet_protocol::Verified<edgefleet_protocol::Assignment>,
+        model: edgefleet_protocol::assignment::AssignedModel,
+        shadow: bool,
+    ) {
         let Some(downloader) = self.downloader.clone() else {
             return;
         };
@@ -1173,6 +1211,7 @@ impl Supervisor {
             let _ = tx.send(Downloaded {
                 seq,
                 assignment,
+                shadow,
                 result,
             });
         });
@@ -1189,7 +1228,12 @@ impl Supervisor {
         } else {
             // A superseded download that finished anyway: drop its bundle, unless the download
             // under way is of the same bundle (it will replace the file itself).
-            if let (Ok(path), Some(model)) = (&done.result, &done.assignment.active) {
+            let model = if done.shadow {
+                &done.assignment.shadow
+            } else {
+                &done.assignment.active
+            };
+            if let (Ok(path), Some(model)) = (&done.result, model) {
                 let same = self
                     .download
                     .as_ref()
@@ -1200,7 +1244,12 @@ impl Supervisor {
             }
             return;
         }
-        let Some(model) = done.assignment.active.clone() else {
+        let model = if done.shadow {
+            done.assignment.shadow.clone()
+        } else {
+            done.assignment.active.clone()
+        };
+        let Some(model) = model else {
             return;
         };
         let path = match done.result {
@@ -1226,7 +1275,15 @@ impl Supervisor {
             digest: model.manifest_digest,
             allow_downgrade: done.assignment.rollback,
         };
-        let result = self.install_pinned(path.clone(), Some(pin)).await;
+        let result = if done.shadow {
+            self.set_shadow_pinned(Some(path.clone()), Some(pin))
+                .await
+                .map(|_| ())
+        } else {
+            self.install_pinned(path.clone(), Some(pin))
+                .await
+                .map(|_| ())
+        };
         let _ = tokio::fs::remove_file(&path).await;
         if let Err(failure) = result {
             tracing::warn!(code = ?failure.code, message = %failure.message, "assignment not carried out");
@@ -1343,8 +1400,17 @@ impl Supervisor {
 
     /// Runs `path`'s model as the shadow (or stops the shadow), swapping in a new worker.
     async fn set_shadow(&mut self, path: Option<PathBuf>) -> Result<serde_json::Value, Failure> {
+        self.set_shadow_pinned(path, None).await
+    }
+
+    /// [`Self::set_shadow`] for an assignment's shadow: the bundle must be the one it names.
+    async fn set_shadow_pinned(
+        &mut self,
+        path: Option<PathBuf>,
+        pin: Option<Pin>,
+    ) -> Result<serde_json::Value, Failure> {
         let slot = match &path {
-            Some(path) => Some(self.unpack(path, None).await?.1),
+            Some(path) => Some(self.unpack(path, pin).await?.1),
             None => None,
         };
         let before = self.state();

@@ -33,6 +33,7 @@ const API_SOURCE: &str = include_str!("../src/server/api.rs");
 const REGISTRY_SOURCE: &str = include_str!("../src/server/registry.rs");
 const ROLLOUTS_SOURCE: &str = include_str!("../src/server/rollouts.rs");
 const CAPTURE_SOURCE: &str = include_str!("../src/server/capture.rs");
+const DRIFT_SOURCE: &str = include_str!("../src/server/drift/api.rs");
 
 const REFERENCE_HEADER: &str = "temperature_c,vibration_rms,current_a,pressure_bar\n";
 
@@ -1021,6 +1022,7 @@ async fn the_openapi_document_covers_every_api_route() {
         .chain(routes_in(REGISTRY_SOURCE))
         .chain(routes_in(ROLLOUTS_SOURCE))
         .chain(routes_in(CAPTURE_SOURCE))
+        .chain(routes_in(DRIFT_SOURCE))
         .filter(|(path, _)| path.starts_with("/api/v1/"))
         .collect();
     // The scan itself works: it finds routes written on one line and across lines.
@@ -1053,7 +1055,7 @@ async fn the_openapi_document_covers_every_api_route() {
     }
     assert!(
         missing.is_empty(),
-        "routes registered in api.rs/registry.rs/rollouts.rs/capture.rs but not documented in controller/openapi.json: {missing:?}"
+        "routes registered in api.rs/registry.rs/rollouts.rs/capture.rs/drift/api.rs but not documented in controller/openapi.json: {missing:?}"
     );
     // And nothing documented that is not served.
     let stale: Vec<_> = paths

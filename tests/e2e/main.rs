@@ -7,6 +7,7 @@
 mod capture;
 mod cli_bundles;
 mod cli_online;
+mod closed_loop;
 mod controller_demo;
 mod cross_arch;
 mod deploy;

@@ -59,6 +59,8 @@ pub enum Command {
     Experiment(Online<online::experiment::ExperimentCommand>),
     /// Data capture for retraining: turn it on or off per device, list and download batches.
     Capture(Online<online::capture::CaptureCommand>),
+    /// Drift: status per model and scope, per-feature evidence, the model's drift policy.
+    Drift(Online<online::drift::DriftCommand>),
     /// Print a shell completion script, e.g. `edgefleet completions bash > /etc/bash_completion.d/edgefleet`.
     Completions {
         #[arg(value_enum)]
@@ -81,6 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollout(command) => online::run(command, online::rollout::run),
         Command::Experiment(command) => online::run(command, online::experiment::run),
         Command::Capture(command) => online::run(command, online::capture::run),
+        Command::Drift(command) => online::run(command, online::drift::run),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics when its writer fails (`| head`).
             let mut script = Vec::new();

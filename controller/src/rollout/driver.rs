@@ -1190,6 +1190,7 @@ impl Driver {
                 "members": engine.members.len(),
                 "excluded": excluded,
                 "reason": request.reason,
+                "trigger": request.trigger,
                 "plan": plan::plan_json(&spec),
             }),
         )];

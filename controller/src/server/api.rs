@@ -174,6 +174,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/audit/verify", get(audit_verify))
         .merge(super::registry::routes())
         .merge(super::capture::routes())
+        .merge(super::drift::api::routes())
         .layer(DefaultBodyLimit::max(JSON_LIMIT))
         .layer(axum::middleware::from_fn(move |req, next| {
             let metrics = metrics.clone();

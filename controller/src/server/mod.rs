@@ -11,6 +11,7 @@
 //! | `broker` | the embedded MQTT broker (rumqttd) and its login check |
 //! | `mqtt` | the controller's MQTT client: ingest, acks, retained assignments |
 //! | `api` | the admin HTTP API (`/api/v1`, `/metrics`, OpenAPI) |
+//! | `drift` | the drift service: detectors fed by the ingest, events, alerts, retraining, automatic rollouts |
 //! | `capture` | data capture: per-device settings, upload offers, uploads, CSV downloads |
 //! | `registry` | model upload, validation, signing, storage |
 //! | `device_api` | the HTTPS endpoint devices use: enrollment, bundle downloads (Range) |
@@ -26,6 +27,7 @@ pub mod broker;
 pub mod capture;
 pub mod config;
 pub mod device_api;
+pub mod drift;
 pub mod keys;
 pub mod metrics;
 pub mod mosquitto;
@@ -81,6 +83,10 @@ pub struct App {
     pub validation_memory_mib: u64,
     /// The rollout driver.
     pub rollouts: crate::rollout::driver::RolloutHandle,
+    /// The drift service.
+    pub drift: drift::DriftHandle,
+    /// This controller's admin API as a local process reaches it, e.g. `http://127.0.0.1:8080`.
+    pub api_url: String,
 }
 
 impl std::fmt::Debug for App {
@@ -193,6 +199,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
             )
         })?;
     let (rollouts, rollout_queue) = crate::rollout::driver::channel();
+    let (drift, drift_queue) = drift::channel();
     let api_listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
@@ -234,6 +241,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
         takeover,
         mqtt::Listeners {
             rollouts: rollouts.clone(),
+            drift: drift.clone(),
             captures: capture::NoticeAnswers::new(store.clone(), device_url.clone()),
         },
     );
@@ -260,10 +268,26 @@ pub async fn start(args: &ServeArgs) -> Result<Running> {
         },
         validation_memory_mib: args.validation_memory_mib,
         rollouts,
+        drift,
+        api_url: format!(
+            "http://{}",
+            match api_addr.ip() {
+                ip if ip.is_unspecified() => SocketAddr::new(
+                    if ip.is_ipv4() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    },
+                    api_addr.port()
+                ),
+                _ => api_addr,
+            }
+        ),
     });
     bootstrap_admin(&app, args).await?;
     refresh::spawn(app.clone());
     crate::rollout::driver::spawn(app.clone(), rollout_queue);
+    drift::spawn(app.clone(), drift_queue);
 
     let refresh = app.clone();
     tokio::spawn(async move {

@@ -220,10 +220,13 @@ struct Incoming {
 }
 
 /// Who learns of committed reports beyond the store: the rollouts (every newly inserted report
-/// and status) and the capture notices (answered after their commit).
+/// and status), the drift service (every newly inserted telemetry window) and the capture
+/// notices (answered after their commit).
 #[derive(Debug)]
 pub struct Listeners {
     pub rollouts: RolloutHandle,
+    /// The drift service: every newly inserted telemetry window.
+    pub drift: super::drift::DriftHandle,
     pub captures: NoticeAnswers,
 }
 
@@ -237,7 +240,11 @@ pub fn start(
     takeover: Takeover,
     listeners: Listeners,
 ) -> Publisher {
-    let Listeners { rollouts, captures } = listeners;
+    let Listeners {
+        rollouts,
+        drift,
+        captures,
+    } = listeners;
     let mut options = MqttOptions::new(
         settings.client_id.clone(),
         settings.host.clone(),
@@ -441,6 +448,15 @@ pub fn start(
                 })
                 .collect();
             rollouts.observe(observed).await;
+            let windows: Vec<_> = batch
+                .iter()
+                .filter(|item| fresh.contains(&(item.device.to_string(), item.message.seq as i64)))
+                .filter_map(|item| match &item.message.body {
+                    DeviceBody::Telemetry(window) => Some((item.device.clone(), window.clone())),
+                    _ => None,
+                })
+                .collect();
+            drift.observe(windows).await;
             let mut acks: BTreeMap<String, (DeviceId, DeviceMacKey, Vec<u64>)> = BTreeMap::new();
             for item in &batch {
                 acks.entry(item.device.to_string())

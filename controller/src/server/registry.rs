@@ -336,6 +336,9 @@ async fn register(
             "training_data_digest": built.manifest.lineage.training_data_digest.map(|d| d.to_hex()),
             "code_commit": built.manifest.lineage.code_commit,
             "mlflow_run_id": built.manifest.lineage.mlflow_run_id,
+            "candidate_for": built.manifest.lineage.candidate_for,
+            "drift_event": built.manifest.lineage.parameters.iter()
+                .find(|p| p.name == "drift_event").map(|p| p.value.clone()),
         }),
     );
     if let Err(err) = app
@@ -347,11 +350,13 @@ async fn register(
         return Err(err.into());
     }
     tracing::info!(model = %row.name, version = %row.version, digest, "model registered");
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(model_json(&app, &row, Some(built.latency_us))),
-    )
-        .into_response())
+    let mut answer = model_json(&app, &row, Some(built.latency_us));
+    if built.manifest.lineage.candidate_for.is_some()
+        && let Some(rollout) = super::drift::auto_rollout(&app, &row, &caller.actor()).await
+    {
+        answer["auto_rollout"] = rollout;
+    }
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }
 
 async fn spec_from(

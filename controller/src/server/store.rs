@@ -13,6 +13,9 @@ use tokio::sync::Mutex;
 
 use super::audit::{AuditEntry, AuditRecord};
 
+mod drift;
+pub use drift::{DetectorRow, DriftChange, DriftEventRow, RetrainRow};
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 

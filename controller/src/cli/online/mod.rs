@@ -6,6 +6,7 @@ pub mod audit;
 pub mod capture;
 pub mod client;
 pub mod device;
+pub mod drift;
 pub mod experiment;
 pub mod model;
 pub mod profile;

@@ -257,6 +257,19 @@ fn register(client: &Client, args: &Register, format: OutputFormat) -> Result<()
                 "each further release key holder runs: edgefleet model download {digest} -o B.efb; edgefleet bundle sign B.efb --key RELEASE.key --detached S.sig; edgefleet model add-signature {digest} S.sig"
             );
         }
+        let auto = &answer["auto_rollout"];
+        if auto["started"] == true {
+            println!(
+                "rollout {} started by the drift policy of {}",
+                text(&auto["rollout"]),
+                text(&answer["manifest"]["lineage"]["candidate_for"])
+            );
+        } else if !auto.is_null() {
+            println!(
+                "the drift policy's automatic rollout did not start: {}",
+                text(&auto["error"])
+            );
+        }
         Ok(())
     })
 }

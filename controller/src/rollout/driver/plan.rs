@@ -41,6 +41,10 @@ pub struct StartRequest {
     pub approval: bool,
     #[serde(default)]
     pub reason: Option<String>,
+    /// What started it when the controller did (a drift policy's automatic rollout: the
+    /// candidate, its drift event); recorded with `rollout.start`.
+    #[serde(default)]
+    pub trigger: Option<Value>,
 }
 
 fn default_max_per_minute() -> u32 {
