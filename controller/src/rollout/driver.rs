@@ -487,6 +487,33 @@ fn ms(t: Timestamp) -> i64 {
     t.as_millis() as i64
 }
 
+/// The row of a rollout or experiment being started: (candidate, baseline) — for an experiment
+/// (B, A) — at version 1; `create` fills in its state and deadline.
+fn started_row(
+    id: &str,
+    kind: &str,
+    (candidate, baseline): (&ModelRow, &ModelRow),
+    selector: &Labels,
+    phase: &str,
+    actor: &str,
+    now: Timestamp,
+) -> RolloutRow {
+    RolloutRow {
+        id: id.to_owned(),
+        kind: kind.to_owned(),
+        candidate: candidate.digest.clone(),
+        baseline: baseline.digest.clone(),
+        selector: serde_json::to_value(selector).unwrap_or(Value::Null),
+        phase: phase.to_owned(),
+        state: Value::Null,
+        version: 1,
+        next_deadline: None,
+        created_by: actor.to_owned(),
+        created_at: ms(now),
+        updated_at: ms(now),
+    }
+}
+
 impl Driver {
     fn now(&self) -> Timestamp {
         self.app.clock.now()
@@ -1165,20 +1192,15 @@ impl Driver {
         let spec = plan::spec_of(&request, candidate_digest, baseline_digest)?;
         let id = crate::server::auth::new_id("ro");
         let (engine, actions) = Rollout::start(now, spec.clone(), members);
-        let row = RolloutRow {
-            id: id.clone(),
-            kind: KIND_ROLLOUT.into(),
-            candidate: candidate.digest.clone(),
-            baseline: baseline.digest.clone(),
-            selector: serde_json::to_value(&request.selector).unwrap_or(Value::Null),
-            phase: engine.phase.name().into(),
-            state: Value::Null,
-            version: 1,
-            next_deadline: None,
-            created_by: actor.to_owned(),
-            created_at: ms(now),
-            updated_at: ms(now),
-        };
+        let row = started_row(
+            &id,
+            KIND_ROLLOUT,
+            (&candidate, &baseline),
+            &request.selector,
+            engine.phase.name(),
+            actor,
+            now,
+        );
         let audits = vec![AuditEntry::new(
             actor,
             "rollout.start",
@@ -1264,20 +1286,15 @@ impl Driver {
             .collect();
         members.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
         let (engine, actions) = Experiment::start(now, spec, members);
-        let row = RolloutRow {
-            id: id.clone(),
-            kind: KIND_EXPERIMENT.into(),
-            candidate: b.digest.clone(),
-            baseline: a.digest.clone(),
-            selector: serde_json::to_value(&request.selector).unwrap_or(Value::Null),
-            phase: engine.phase.name().into(),
-            state: Value::Null,
-            version: 1,
-            next_deadline: None,
-            created_by: actor.to_owned(),
-            created_at: ms(now),
-            updated_at: ms(now),
-        };
+        let row = started_row(
+            &id,
+            KIND_EXPERIMENT,
+            (&b, &a),
+            &request.selector,
+            engine.phase.name(),
+            actor,
+            now,
+        );
         let audits = vec![AuditEntry::new(
             actor,
             "experiment.start",
